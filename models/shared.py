@@ -1,0 +1,85 @@
+"""What the LLaMA and GPT-2 decoders share: attention over a KV cache, the loss, generate().
+
+Batched generation left-pads the prompts. Every row then carries its own positions
+(`pos`, for RoPE or learned position embeddings) and a mask of which cache slots hold real
+tokens (`valid`), so a padded batch gives the same tokens as one prompt at a time.
+"""
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # real tokens
+        self.len = 0  # slots filled so far, the same for every row
+
+
+def attend(q, k, v, layer, cache=None):
+    """Causal attention. q (B, nh, T, hd); k, v (B, nkv, T, hd); GQA when nkv < nh."""
+    gqa = q.size(1) != k.size(1)
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    T, t0 = q.size(2), cache.len
+    cache.k[layer][:, :, t0:t0 + T] = k
+    cache.v[layer][:, :, t0:t0 + T] = v
+    k, v = cache.k[layer][:, :, :t0 + T], cache.v[layer][:, :, :t0 + T]
+    # query i (at slot t0+i) sees slot j when j <= t0+i and slot j holds a real token
+    causal = torch.ones(T, t0 + T, dtype=torch.bool, device=q.device).tril(t0)
+    mask = causal[None, None] & cache.valid[:, None, None, :t0 + T]  # (B, 1, T, t0+T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def loss(model, idx, targets):
+    """Mean cross-entropy over positions whose target is not -100 (the head runs only there)."""
+    h = model.hidden(idx)
+    keep = targets != -100
+    return F.cross_entropy(model.lm_head(h[keep]), targets[keep])
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=()):
+    """Continue each prompt (a list of token ids); returns the new ids of each, stop token excluded.
+
+    temperature 0 is greedy decoding. Rows stop independently at any of `stop_tokens`.
+    """
+    device = model.lm_head.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, L, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at L-1
+        idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[b, L - len(p):] = True
+    pos = (valid.cumsum(1) - 1).clamp(min=0)  # (B, L) each row counts from 0
+    cache = model.new_cache(B, L + max_new_tokens)
+    cache.valid[:, :L] = valid
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    logits = model(idx, pos=pos, cache=cache)[:, -1]
+    for _ in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k)  # (B,)
+        done |= torch.isin(tok, stop)
+        for b in (~done).nonzero().flatten().tolist():
+            out[b].append(tok[b].item())
+        if done.all():
+            break
+        pos = pos[:, -1:] + 1
+        cache.valid[:, cache.len] = True
+        logits = model(tok[:, None], pos=pos, cache=cache)[:, -1]
+    return out
+
+
+def sample(logits, temperature, top_k):
+    """logits (B, V) -> token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)

@@ -1,0 +1,157 @@
+"""Tokenizers as tiktoken Encodings, built offline from what a checkpoint ships.
+
+Sources: a GGUF vocabulary (byte-level BPE), a Hugging Face `tokenizer.json` or GPT-2's
+`vocab.json` + `merges.txt` (byte-level BPE), and a Llama-3 `tokenizer.model` (tiktoken format).
+Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
+and their ids follow merge order, so a token's id is its tiktoken rank.
+"""
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+
+# Pre-tokenizer regexes. SmolLM splits digits one by one before GPT-2's byte-level split, which
+# is GPT-2's pattern with ` ?\p{N}+` replaced by `\p{N}` (the space then stands alone, as in HF).
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SMOLLM_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
+
+
+@dataclass
+class Tokenizer:
+    """A tiktoken Encoding plus what prompting needs: the chat format and the stop tokens."""
+    enc: tiktoken.Encoding
+    chat: str | None = None  # "chatml", "llama3" or None (plain text)
+    system: str | None = None  # ChatML's default system message, when the template has one
+    stop: list[int] = field(default_factory=list)
+
+    def encode(self, text):
+        """Ordinary text: special-token strings in it are treated as plain text."""
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def special(self, name):
+        return self.enc.encode_single_token(name)
+
+    def prompt(self, user):
+        """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
+        if self.chat == "chatml":
+            start, end, nl = self.special("<|im_start|>"), self.special("<|im_end|>"), self.encode("\n")
+            ids = []
+            if self.system:
+                ids += [start] + self.encode("system\n" + self.system) + [end] + nl
+            return ids + [start] + self.encode("user\n" + user) + [end] + nl + [start] + self.encode("assistant\n")
+        if self.chat == "llama3":
+            head = lambda role: [self.special("<|start_header_id|>")] + self.encode(role) + [
+                self.special("<|end_header_id|>")] + self.encode("\n\n")
+            return ([self.special("<|begin_of_text|>")] + head("user") + self.encode(user) +
+                    [self.special("<|eot_id|>")] + head("assistant"))
+        return self.encode(user)
+
+
+def byte_decoder():
+    """GPT-2's map from the printable stand-in characters back to bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def from_vocab(name, vocab, specials, pattern, template=None):
+    """vocab: byte-level token string -> id; specials: special token string -> id."""
+    dec = byte_decoder()
+    ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in specials}
+    enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return with_chat(enc, template)
+
+
+def with_chat(enc, template=None):
+    """Pick the chat format from the special tokens the vocabulary has."""
+    sp = enc.special_tokens_set
+    if "<|im_start|>" in sp and "<|im_end|>" in sp:
+        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template or "")
+        return Tokenizer(enc, "chatml", m.group(1) if m else None, [enc.encode_single_token("<|im_end|>")])
+    if "<|eot_id|>" in sp and "<|start_header_id|>" in sp:
+        stop = [enc.encode_single_token(t) for t in ("<|eot_id|>", "<|end_of_text|>") if t in sp]
+        return Tokenizer(enc, "llama3", None, stop)
+    stop = [enc.encode_single_token(t) for t in ("<|endoftext|>", "</s>", "<|end_of_text|>") if t in sp]
+    return Tokenizer(enc, None, None, stop)
+
+
+def from_gguf(fields):
+    """fields: the GGUF key -> value metadata (already decoded to Python values)."""
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} is not "
+                         "byte-level BPE ('gpt2'); only that kind can be read into tiktoken")
+    pre = fields.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in PATTERNS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"))
+
+
+def hf_pattern(pre):
+    """The regex a tokenizer.json pre_tokenizer applies (the byte-level families we know)."""
+    parts = pre.get("pretokenizers", [pre]) if pre else []
+    for p in parts:
+        if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+            return p["pattern"]["Regex"]
+    if any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts):
+        return SMOLLM_PAT
+    return GPT2_PAT
+
+
+def from_hf_dir(path):
+    """A tokenizer from a checkpoint directory, or None when it ships none we can read."""
+    path = Path(path)
+    template = None
+    if (path / "tokenizer_config.json").exists():
+        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+        template = template if isinstance(template, str) else None
+    if (path / "tokenizer.json").exists():
+        tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        model = tj["model"]
+        if model.get("type") != "BPE" or not model.get("vocab"):
+            raise ValueError(f"{path / 'tokenizer.json'} is not a byte-level BPE tokenizer")
+        vocab = dict(model["vocab"])
+        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        vocab.update(specials)
+        return from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template)
+    if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
+        return from_vocab(path.name, vocab, specials, GPT2_PAT, template)
+    if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
+        model_file = path / "tokenizer.model"
+        model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
+        return from_llama3_model(model_file)
+    return None
+
+
+def from_llama3_model(model_file):
+    """Llama 3's tokenizer.model: base64 token + rank per line, then 256 special tokens."""
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(str(model_file))
+    except Exception as e:
+        raise ValueError(f"{model_file} is not a tiktoken BPE file (a SentencePiece model, as Llama 2 "
+                         "ships, cannot be read without the sentencepiece package)") from e
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(names))]  # Llama 3.1 names
+    specials = {t: len(ranks) + i for i, t in enumerate(names)}
+    return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
+                                       special_tokens=specials))
