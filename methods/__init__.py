@@ -88,7 +88,7 @@ def load_adapter(model, adapter_dir):
     meta = read_config(adapter_dir)
     base = meta.get("model_config")
     if base is not None and base != dataclasses.asdict(model.cfg):
-        raise AdapterError(f"{adapter_dir} was trained on another model ({meta.get('model', '?')})")
+        raise AdapterError(f"{adapter_dir} was trained on another model ({meta.get('base_model', '?')})")
     try:
         method = get(meta["method"])
         method.apply(model, config_from_dict(method, meta["config"]))

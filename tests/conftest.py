@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(1)  # tiny models: a second thread costs more in overhead than it gains
 
 from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
 
@@ -29,3 +30,39 @@ def tiny_gpt(seed=0, **kw):
 def tiny_model(request):
     """A tiny random model of each family, frozen, in eval mode."""
     return tiny_llama() if request.param == "llama" else tiny_gpt()
+
+
+def write_checkpoint(path, model):
+    """Save a tiny model of ours as a Hugging Face LLaMA directory with a byte-level tokenizer.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.tokenizer import byte_decoder
+
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "intermediate_size": c.hidden_dim,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings}))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(path / "model.safetensors"))
+    to_str = {b: ch for ch, b in byte_decoder().items()}
+    vocab = {to_str[b]: b for b in range(256)}
+    added = [{"id": 256 + i, "content": t, "special": True}
+             for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])]
+    (path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random LLaMA saved as a HF checkpoint directory that models.load() reads, with a
+    byte-level tokenizer (259 tokens) so train.py and eval.py run end to end in seconds."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt",
+                            tiny_llama(vocab_size=259, max_seq_len=512, dim=32))

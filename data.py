@@ -1,0 +1,247 @@
+"""Tasks and datasets: the built-in arithmetic task, LLM-Adapters JSON/JSONL, prompts, answers.
+
+An Example is a question, the response a model should write (a worked solution ending
+"The answer is N."), and the gold answer. Training sees the chat prompt and learns only the
+response tokens; evaluation generates a response and compares the extracted answer.
+"""
+import functools
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str  # what the user asks (instruction and input joined)
+    response: str  # the target completion
+    answer: str  # gold answer: a number ("12", "2.5") or an option letter ("C")
+
+
+class DataError(Exception):
+    """A data source that cannot be used; the message says why."""
+
+
+# ----------------------------------------------------------------------------- built-in task
+
+NAMES = ["Tom", "Anna", "Luis", "Mei", "Sara", "Omar", "Jack", "Priya", "Ken", "Fatima", "Ben",
+         "Lucy", "Ivan", "Nadia", "Sam", "Grace", "Leo", "Zoe", "Raj", "Emma"]
+ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "cards", "shells",
+         "stamps", "oranges", "balloons", "candies", "toy cars", "flowers", "coins", "eggs"]
+PLACES = ["basket", "box", "jar", "bag", "drawer", "crate", "bin", "bowl"]
+SHOPS = ["bakery", "shop", "store", "farm stand", "market stall", "school fair"]
+
+
+def _one_step(r):
+    """AddSub-style: one operation."""
+    n, n2, it, pl = r.choice(NAMES), r.choice(NAMES), r.choice(ITEMS), r.choice(PLACES)
+    a, b = r.randint(2, 60), r.randint(2, 40)
+    kind = r.randrange(8)
+    if kind == 0:
+        q = f"{n} had {a} {it}. {n} bought {b} more. How many {it} does {n} have now?"
+        return q, f"{a} + {b} = {a + b}.", a + b
+    if kind == 1:
+        a = a + b
+        q = f"{n} had {a} {it} and gave {b} of them to {n2}. How many {it} does {n} have left?"
+        return q, f"{a} - {b} = {a - b}.", a - b
+    if kind == 2:
+        q = f"There are {a} {it} in the {pl}. {n} puts {b} more {it} in the {pl}. How many {it} are in the {pl} now?"
+        return q, f"{a} + {b} = {a + b}.", a + b
+    if kind == 3:
+        a = a + b
+        q = f"A {pl} holds {a} {it}. {n} takes out {b} {it}. How many {it} are still in the {pl}?"
+        return q, f"{a} - {b} = {a - b}.", a - b
+    if kind == 4:
+        a, b = r.randint(2, 12), r.randint(2, 12)
+        q = f"{n} has {a} {pl}s with {b} {it} in each {pl}. How many {it} does {n} have in all?"
+        return q, f"{a} * {b} = {a * b}.", a * b
+    if kind == 5:
+        b, c = r.randint(2, 9), r.randint(2, 12)
+        q = f"{n} shares {b * c} {it} equally among {b} friends. How many {it} does each friend get?"
+        return q, f"{b * c} / {b} = {c}.", c
+    if kind == 6:
+        q = f"{n} found {a} {it} on Monday and {b} {it} on Tuesday. How many {it} did {n} find altogether?"
+        return q, f"{a} + {b} = {a + b}.", a + b
+    b = r.randint(2, a + 20)
+    hi, lo = max(a, b), min(a, b)
+    q = f"{n} has {hi} {it} and {n2} has {lo} {it}. How many more {it} does {n} have than {n2}?"
+    return q, f"{hi} - {lo} = {hi - lo}.", hi - lo
+
+
+def _two_step(r):
+    """MultiArith-style: two operations."""
+    n, n2, it, pl, shop = r.choice(NAMES), r.choice(NAMES), r.choice(ITEMS), r.choice(PLACES), r.choice(SHOPS)
+    a, b, c = r.randint(2, 40), r.randint(2, 9), r.randint(2, 9)
+    kind = r.randrange(6)
+    if kind == 0:
+        q = f"{n} had {a} {it}. Then {n} bought {b} {pl}s with {c} {it} in each. How many {it} does {n} have now?"
+        return q, f"{b} * {c} = {b * c}. {a} + {b * c} = {a + b * c}.", a + b * c
+    if kind == 1:
+        a, s = a + b + 10, r.randint(2, 30)
+        q = f"The {shop} had {a} {it}. It sold {b + 10} of them and then got {s} more. How many {it} does the {shop} have now?"
+        return q, f"{a} - {b + 10} = {a - b - 10}. {a - b - 10} + {s} = {a - b - 10 + s}.", a - b - 10 + s
+    if kind == 2:
+        d = r.choice([10, 20, 50, 100])
+        b, c = r.randint(2, 6), r.randint(1, d // 6)
+        q = f"{n} bought {b} {it} at the {shop} for {c} dollars each and paid with a {d} dollar bill. How much change did {n} get?"
+        return q, f"{b} * {c} = {b * c}. {d} - {b * c} = {d - b * c}.", d - b * c
+    if kind == 3:
+        w = r.randint(3, 15)
+        s = r.randint(1, min(20, w * b))
+        q = f"{n} earns {w} dollars every week. After {b} weeks {n} spends {s} dollars on {it}. How many dollars does {n} have left?"
+        return q, f"{w} * {b} = {w * b}. {w * b} - {s} = {w * b - s}.", w * b - s
+    if kind == 4:
+        g = r.randint(1, 20)
+        total = b * c + g
+        q = f"{n} had {total} {it}. After giving {g} to {n2}, {n} put the rest equally into {b} {pl}s. How many {it} are in each {pl}?"
+        return q, f"{total} - {g} = {b * c}. {b * c} / {b} = {c}.", c
+    q = f"{n} has {b} {pl}s of {it} with {c} in each, and {n2} has {a} {it}. How many {it} do they have together?"
+    return q, f"{b} * {c} = {b * c}. {b * c} + {a} = {b * c + a}.", b * c + a
+
+
+def _problem(r):
+    q, work, ans = (_one_step if r.random() < 0.5 else _two_step)(r)
+    return Example(q, f"{work} The answer is {ans}.", str(ans))
+
+
+def _unique(r, n, exclude=frozenset()):
+    seen, out = set(exclude), []
+    while len(out) < n:
+        ex = _problem(r)
+        if ex.question not in seen:
+            seen.add(ex.question)
+            out.append(ex)
+    return out
+
+
+def arithmetic(split, n=None, seed=1234):
+    """The built-in task. The test split is drawn first; train never repeats a test question."""
+    test = _unique(random.Random(seed), 500)
+    if split == "test":
+        return test[:n] if n else test
+    if split == "train":
+        return _unique(random.Random(seed + 1), n or 4000, {e.question for e in test})
+    if split == "val":  # for methods that score on held-out data (ALoRA); disjoint from both
+        train_q = {e.question for e in arithmetic("train")}
+        return _unique(random.Random(seed + 2), n or 64, train_q | {e.question for e in test})
+    raise ValueError(f"unknown split {split!r}")
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_examples(path):
+    """LLM-Adapters records (`instruction`, `input`, `output`, `answer`) from .json or .jsonl."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a list of records")
+    out = []
+    for rec in records:
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
+            continue
+        extra = rec.get("input")
+        question = rec["instruction"] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        response, answer = rec.get("output"), rec.get("answer")
+        if not isinstance(response, str):
+            response = ""
+        if answer is None or isinstance(answer, (dict, list)):
+            answer = extract_answer(response) or ""
+        out.append(Example(question, response, str(answer).strip()))
+    if not out:
+        raise DataError(f"{path} has no usable records (each needs an 'instruction' string)")
+    return out
+
+
+def load_split(source, split):
+    """Examples of `split` ("train" or "test") from None (the built-in task) or a .json/.jsonl file."""
+    if source is None:
+        return arithmetic(split)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {path} does not exist")
+    return load_examples(path)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def encode(tok, ex, seq_len):
+    """(ids, targets): the chat prompt then the response; targets are -100 except on the response
+    tokens and the closing stop token, which the model must learn to emit."""
+    prompt = tok.prompt(ex.question)
+    response = tok.encode(ex.response) + tok.stop[:1]
+    ids = prompt + response
+    if len(ids) > seq_len + 1:
+        return None
+    return ids[:-1], [-100] * (len(prompt) - 1) + response
+
+
+def encode_all(tok, examples, seq_len):
+    encoded = [e for e in (encode(tok, ex, seq_len) for ex in examples) if e is not None]
+    if not encoded:
+        raise DataError(f"no example fits --seq-len {seq_len}: raise it")
+    return encoded
+
+
+def collate(encoded):
+    """Right-pad a list of (ids, targets) into (x, y) LongTensors (B, T)."""
+    T = max(len(ids) for ids, _ in encoded)
+    x = torch.zeros(len(encoded), T, dtype=torch.long)
+    y = torch.full((len(encoded), T), -100, dtype=torch.long)
+    for b, (ids, tg) in enumerate(encoded):
+        x[b, :len(ids)] = torch.tensor(ids)
+        y[b, :len(tg)] = torch.tensor(tg)
+    return x, y
+
+
+def batch(encoded, batch_size, seed, index):
+    """Batch number `index` of an endless shuffled stream: a pure function of (seed, index), so a
+    resumed run, or any process of a data-parallel run, finds its batch without replaying."""
+    n = len(encoded)
+    rows = [divmod(i, n) for i in range(index * batch_size, (index + 1) * batch_size)]
+    return collate([encoded[_order(seed, epoch, n)[k]] for epoch, k in rows])
+
+
+@functools.lru_cache(maxsize=4)
+def _order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+# ----------------------------------------------------------------------------- answers
+
+NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def extract_answer(text):
+    """The last number in `text` (commas removed), as LLM-Adapters' evaluator reads answers."""
+    found = NUMBER.findall(text.replace(",", ""))
+    return found[-1].rstrip(".") if found else None
+
+
+def extract_letter(text):
+    """The last option letter A-E standing alone in `text` (multiple choice, e.g. AQuA)."""
+    found = re.findall(r"\b([A-E])\b", text)
+    return found[-1] if found else None
+
+
+def is_correct(completion, answer):
+    """Numbers match within 0.001; option letters match exactly."""
+    if re.fullmatch(r"[A-E]", answer):
+        return extract_letter(completion) == answer
+    pred = extract_answer(completion)
+    try:
+        return pred is not None and abs(float(pred) - float(answer.replace(",", ""))) < 1e-3
+    except ValueError:
+        return False

@@ -1,0 +1,308 @@
+"""AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (Zhang, Chen, Bukharin,
+Karampatziakis, He, Cheng, Chen, Zhao; ICLR 2023, arXiv 2303.10512).
+
+The idea: write each update in SVD form, P Λ Q, so that a rank is one triplet (a column of P, a
+singular value, a row of Q) and can be switched off by zeroing its singular value alone. Start every
+module at init_r triplets; during training, score each triplet by a smoothed weight x gradient
+sensitivity and shrink the total rank over all modules to target_r per module on a cubic schedule,
+so the important modules keep more ranks than the others.
+
+    y = x W0ᵀ + b + scale * ((dropout(x) lora_Aᵀ) ⊙ lora_Eᵀ) lora_Bᵀ      scale = alpha / init_r
+    ΔW = scale * lora_B diag(lora_E) lora_A;  lora_A (r, in) = Q, lora_E (r, 1) = Λ, lora_B (out, r) = P
+    init: lora_A, lora_B ~ N(0, 0.02²), lora_E = 0 -> ΔW = 0 (peft's init)
+    extra_loss = orth_reg_weight * mean over all lora_A, lora_B of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F
+    per entry w of A, E, B:  I = |w ∂L/∂w|;  i_bar ← β1 i_bar + (1−β1) I;  u_bar ← β2 u_bar + (1−β2) |I − i_bar|
+    triplet score S_k = s(E_k) + mean_j s(A_kj) + mean_j s(B_jk),  s = i_bar * u_bar
+    budget b(t): init_r*n for t ≤ tinit; target_r*n for t ≥ T − tfinal;
+                 else int(target + (init − target) (1 − (t − tinit)/(T − tfinal − tinit))³)
+    masking: keep the b highest-scoring triplets over all modules, zero the others' lora_E.
+
+Hyperparameters (METHODS.md, from peft's AdaLoraConfig): init_r = 12, target_r = 8, delta_t = 1,
+beta1 = beta2 = 0.85, orth_reg_weight = 0.5 (peft; the authors' code uses 0.1). alpha = 32 (peft's
+example and most of the authors' GLUE scripts; 16 in the others); dropout = 0.05 as this library's LoRA.
+tinit and tfinal default to 10% and 30% of the run's steps: peft's example uses 200 and 1000 of
+~3900 steps (5% / 26%), the authors' README 500 and 1500 of 3000 (17% / 50%), their GLUE scripts
+~10–15% / ~50%; 10% / 30% sits between them and leaves 60% of the run for the budget to fall.
+
+Where this file departs from the paper or peft (huggingface/peft src/peft/tuners/adalora):
+- scale = alpha / init_r; peft divides by ranknum + 1e-5 (ranknum = init_r, never updated). The
+  epsilon only guards a zero rank, which Config forbids; the relative difference is 1e-6 / init_r.
+- Scoring happens in after_backward, before the optimizer step (the paper's Algorithm 1): I = |w ∇w|
+  is then the first-order loss change of removing w at the very point where ∇w was taken. peft (and
+  the authors' code) score after optimizer.step, pairing the updated w with the old gradient. The
+  gradient is the raw one (train.py clips after this hook); clipping rescales a whole step's entries
+  by one factor, so it changes only how much each step weighs in the EMAs, not a step's ranking.
+- Steps are 1-based (train.py's `step`, the number of optimizer steps done); peft's global_step is
+  0-based, so every phase boundary here sits one step later: immaterial.
+- The mask keeps exactly b triplets: a stable sort breaks ties by position (the earlier module, then
+  the lower triplet index, wins). peft zeroes every triplet with S ≤ the k-th smallest score, so ties
+  can prune more than asked, and k = init − target = 0 crashes its kthvalue. Here init_r == target_r
+  is allowed and simply masks nothing (AdaLoRA's SVD form with a fixed rank).
+- The EMAs are updated while t ≤ T − tfinal, so the forced mask at t = T − tfinal uses that step's
+  gradient too; after it the pattern is fixed and only re-applied (peft: the same, via rank_pattern).
+- The mask is also kept as a bool buffer lora_mask (r,), saved with the adapter, so ranks(), to_lora
+  and merge know the live triplets even where a live lora_E happens to be 0 (all of them at init).
+- Masking zeroes lora_E, as peft does; the forward does not multiply by the mask. A masked E_k still
+  gets a gradient (∂L/∂E_k does not depend on E_k), so AdamW moves it again before the next masking
+  and the triplet can revive at the next allocation: that is AdaLoRA's design, kept. From
+  t = T − tfinal on, the fixed mask is re-applied after every step, and the last step always masks,
+  so the trained adapter holds exact zeros there. to_lora and merge use E ⊙ lora_mask: exact after
+  any masking step, which includes the end of training.
+- orth_reg_weight = 0 turns the regulariser off (peft refuses 0).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    init_r: int = 12  # triplets per module at the start
+    target_r: int = 8  # average triplets per module at the end: the total budget is target_r * modules
+    tinit: int | None = None  # warmup steps at the full budget, no masking; None: 10% of the steps
+    tfinal: int | None = None  # last steps at the target budget, pattern fixed; None: 30% of the steps
+    delta_t: int = 1  # steps between two allocations while the budget falls
+    beta1: float = 0.85  # EMA of the sensitivity
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality loss on lora_A, lora_B
+    alpha: float = 32.0  # ΔW is scaled by alpha / init_r, fixed while ranks are masked
+    dropout: float = 0.05  # on the adapter's input only
+    targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
+
+    def __post_init__(self):
+        if self.target_r < 1:
+            raise ValueError(f"target_r must be positive, got {self.target_r}")
+        if self.init_r < self.target_r:
+            raise ValueError(f"init_r must be at least target_r, got init_r={self.init_r} < target_r={self.target_r}")
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.delta_t < 1:
+            raise ValueError(f"delta_t must be positive, got {self.delta_t}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be non-negative, got {self.orth_reg_weight}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class SVDLinear(nn.Linear):
+    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale * P diag(Λ) Q x."""
+
+    def __init__(self, base: nn.Linear, cfg: Config):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
+        self.cfg = cfg  # the training hooks read the schedule from here
+        self.scale = cfg.alpha / cfg.init_r
+        self.dropout = nn.Dropout(cfg.dropout)
+        r, dev = cfg.init_r, base.weight.device
+        self.lora_A = nn.Parameter(0.02 * torch.randn(r, self.in_features, device=dev))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
+        self.lora_B = nn.Parameter(0.02 * torch.randn(self.out_features, r, device=dev))
+        self.register_buffer("lora_mask", torch.ones(r, dtype=torch.bool, device=dev))  # live triplets
+        for f in "AEB":  # training-only state: smoothed sensitivity and uncertainty per entry
+            shape = getattr(self, "lora_" + f).shape
+            self.register_buffer("i_bar_" + f, torch.zeros(shape, device=dev), persistent=False)
+            self.register_buffer("u_bar_" + f, torch.zeros(shape, device=dev), persistent=False)
+        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+
+    def live_factors(self):
+        """(A', B') over the live triplets, ΔW = B' A'."""
+        keep = self.lora_mask
+        return (self.lora_A * self.lora_E)[keep], self.scale * self.lora_B[:, keep]  # (k, in), (out, k)
+
+    def delta_weight(self):
+        A, B = self.live_factors()
+        return B @ A  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.w0 is not None:  # merged: ΔW is already inside weight
+            return y
+        h = F.linear(self.dropout(x), self.lora_A) * self.lora_E[:, 0]  # (..., r)
+        return y + self.scale * F.linear(h, self.lora_B)
+
+    @torch.no_grad()
+    def update_importance(self):
+        """Fold this step's sensitivity |w ∂L/∂w| into the EMAs (grads must be present)."""
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        for f in "AEB":
+            p = getattr(self, "lora_" + f)
+            i_bar, u_bar = getattr(self, "i_bar_" + f), getattr(self, "u_bar_" + f)
+            ipt = (p * p.grad).abs_()
+            i_bar.lerp_(ipt, 1 - b1)  # β1 i_bar + (1 − β1) ipt
+            u_bar.lerp_((ipt - i_bar).abs_(), 1 - b2)  # against the fresh i_bar, as peft
+
+    def triplet_scores(self):
+        """S_k = s(E_k) + mean_j s(A_kj) + mean_j s(B_jk), s = i_bar * u_bar.  (r,)"""
+        s_A, s_E, s_B = (getattr(self, "i_bar_" + f) * getattr(self, "u_bar_" + f) for f in "AEB")
+        return s_E[:, 0] + s_A.mean(1) + s_B.mean(0)
+
+    @torch.no_grad()
+    def set_mask(self, keep):
+        self.lora_mask.copy_(keep)
+        self.apply_mask()
+
+    @torch.no_grad()
+    def apply_mask(self):
+        self.lora_E.masked_fill_(~self.lora_mask[:, None], 0.0)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.w0 is None:
+            self.w0 = self.weight.detach().clone()
+            self.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.w0 is not None:
+            self.weight.copy_(self.w0)
+            self.w0 = None
+
+
+def find_targets(model, targets):
+    """Module name -> nn.Linear for the layers `targets` names.
+
+    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
+    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
+    """
+    table = getattr(model, "TARGETS", {})
+    suffixes = tuple("." + table.get(t, t) for t in targets)
+    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+    if not found:
+        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+    return found
+
+
+def replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def apply(model, cfg: Config):
+    """Wrap every target layer in place and freeze everything but the adapter tensors."""
+    for name, linear in find_targets(model, cfg.targets).items():
+        replace(model, name, SVDLinear(linear, cfg))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+
+
+# --- the budget schedule: pure functions of the step ---------------------------------------------
+
+def phases(cfg, total_steps):
+    """(tinit, tfinal) for a run of total_steps: the Config's, or 10% and 30% of the steps."""
+    tinit = total_steps // 10 if cfg.tinit is None else cfg.tinit
+    tfinal = 3 * total_steps // 10 if cfg.tfinal is None else cfg.tfinal
+    if tinit + tfinal >= total_steps:
+        raise ValueError(f"tinit + tfinal must be below the number of steps, got {tinit} + {tfinal} >= {total_steps}")
+    return tinit, tfinal
+
+
+def budget(step, total_steps, cfg, n_modules):
+    """Total live triplets allowed after optimizer step `step` (1-based): cubic fall from init to target."""
+    tinit, tfinal = phases(cfg, total_steps)
+    b0, b_T = cfg.init_r * n_modules, cfg.target_r * n_modules
+    if step <= tinit:
+        return b0
+    if step >= total_steps - tfinal:
+        return b_T
+    progress = (step - tinit) / (total_steps - tfinal - tinit)
+    return int(b_T + (b0 - b_T) * (1 - progress) ** 3)
+
+
+def top_budget(scores, b):
+    """Bool mask keeping exactly the b highest scores; ties go to the lower index (a stable sort)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[scores.argsort(descending=True, stable=True)[:b]] = True
+    return keep
+
+
+# --- training hooks ------------------------------------------------------------------------------
+
+def param_groups(model, lr, weight_decay):
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+             "weight_decay": weight_decay}]
+
+
+def orth_loss(m):
+    """‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F: zero iff A has orthonormal rows and B orthonormal columns."""
+    eye = torch.eye(m.lora_A.shape[0], dtype=m.lora_A.dtype, device=m.lora_A.device)
+    return (torch.linalg.matrix_norm(m.lora_A @ m.lora_A.T - eye)
+            + torch.linalg.matrix_norm(m.lora_B.T @ m.lora_B - eye))
+
+
+def extra_loss(model):
+    mods = list(layers(model).values())
+    weight = mods[0].cfg.orth_reg_weight
+    if weight == 0:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return weight * sum(orth_loss(m) for m in mods) / (2 * len(mods))  # mean over the A's and B's
+
+
+def after_backward(model, step, total_steps):
+    """Update the sensitivity EMAs while the scores can still change the mask (t ≤ T − tfinal)."""
+    mods = list(layers(model).values())
+    _, tfinal = phases(mods[0].cfg, total_steps)
+    if step <= total_steps - tfinal:
+        for m in mods:
+            m.update_importance()
+
+
+@torch.no_grad()
+def mask_to_budget(mods, b):
+    """Keep the b best triplets over all modules; zero lora_E of the others."""
+    keep = top_budget(torch.cat([m.triplet_scores() for m in mods]), b)  # (n_modules * init_r,)
+    for m, k in zip(mods, keep.split(mods[0].cfg.init_r)):
+        m.set_mask(k)
+
+
+def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    """Mask to the budget every delta_t steps while it falls, at T − tfinal, and re-apply the fixed
+    pattern after every later step. Returns {"budget": b(step), "live_rank": live triplets}."""
+    mods = list(layers(model).values())
+    cfg = mods[0].cfg
+    tinit, tfinal = phases(cfg, total_steps)
+    b = budget(step, total_steps, cfg, len(mods))
+    if step > total_steps - tfinal:
+        for m in mods:
+            m.apply_mask()
+    elif step == total_steps - tfinal or (step > tinit and step % cfg.delta_t == 0):
+        mask_to_budget(mods, b)
+    return {"budget": b, "live_rank": int(sum(m.lora_mask.sum() for m in mods))}
+
+
+def ranks(model):
+    """Module name -> live triplets (the rank pattern)."""
+    return {n: int(m.lora_mask.sum()) for n, m in layers(model).items()}
+
+
+# --- after training ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def to_lora(model):
+    """Module name -> (A', B') with ΔW = B' A' over the live triplets: A' = (A ⊙ E)[keep],
+    B' = scale * B[:, keep]. A module masked to rank 0 gives (0, in) and (out, 0) factors."""
+    return {n: tuple(t.detach().clone() for t in m.live_factors()) for n, m in layers(model).items()}
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold ΔW (live triplets) into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    for name, m in layers(model).items():
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        plain.weight, plain.bias = m.weight, m.bias
+        replace(model, name, plain)
+    return model

@@ -1,0 +1,325 @@
+"""ALoRA: Allocating Low-Rank Adaptation for Fine-tuning Large Language Models
+(Liu, Lyn, Zhu, Tian, Graham; NAACL 2024, arXiv 2403.16187). Not PEFT's "aLoRA", which is
+*Activated* LoRA, an unrelated method; this file is *Allocating* LoRA.
+
+The idea: train a LoRA whose ranks each sit behind a fixed 0/1 gate. Every few steps score each live
+rank by ablation on a validation batch (AB-LoRA), switch off the n_A least useful ones and give the
+same number of new ranks to the modules that lost none, so the total rank budget stays put.
+
+    y = x W0ᵀ + b + scale * ((dropout(x) lora_Aᵀ) ⊙ lora_gate) lora_Bᵀ      scale = alpha / r
+    ΔW = scale * (lora_B ⊙ lora_gate) lora_A
+    lora_A (rmax, in): Kaiming-uniform; lora_B (out, rmax): zeros; lora_gate (rmax,): 1 for the first r
+    IS(rank) = S(M) − S(M∖rank) + S(M_rank),   S = −val_loss()              (paper Eq. 6)
+      M∖rank: that rank's gate 0;  M_rank: only that rank kept in its module
+
+Algorithm 1 (§3.4): train k1 steps; then `rounds` times: score every live rank, prune the
+`prune_per_round` lowest (gate -> 0), hand as many new ranks to the modules that lost none (spread as
+evenly as possible, the remainder to the highest mean IS; footnote 3), train k2 steps.
+A new rank gets a fresh Kaiming row of lora_A and a zero column of lora_B, so the output does not
+jump, and its AdamW state is zeroed.
+
+Hyperparameters (paper §4.3, App. E; LLaMA-2 7B): r = 8 per module (the budget itself, no larger
+initial rank), n_A = adapted module types per block (7 there), |B_val| = 32 examples, K1 = 1 epoch,
+K2 = 0.25 epoch, N_A <= 8, over at most 10 epochs. LoRA part as PEFT: alpha = 16, dropout = 0.05.
+
+Where this file departs from the paper, and why:
+- Fixed slots instead of appending rows: each module owns `rmax` slots (default 2r) and the gate
+  says which are live. Parameter shapes never change, so the optimizer state stays tied to the same
+  tensors and DDP sees fixed shapes. A module already at rmax cannot receive; if no module that lost
+  none has a free slot, the budget shrinks by what could not be placed (as in footnote 4).
+- The scale is alpha / r, fixed per module (not alpha / live rank), so adding ranks rescales nothing.
+- M_rank keeps only that rank *in its module* and leaves the other modules whole (METHODS.md
+  decision; the paper's wording zeroes every other rank in the model).
+- Steps, not epochs: when not given, k1 = 10% of the steps, k2 = 2.5%, rounds = as many as fit
+  before the end, at most 8 (the paper's 1 / 0.25 / 8 over 10 epochs), so any run of 20 steps or
+  more holds rounds. prune_per_round defaults to len(targets), the paper's n_A = types per block.
+- Cost: a round takes 1 + 2 * (scored ranks) calls of val_loss (one forward of the validation
+  batch each); for the default model (30 layers x q,v x r = 8: 480 ranks) that is 961 forwards per
+  round. The ablations cannot be batched into fewer calls: val_loss returns one number for the
+  whole batch, and on a CPU a forward over k copies of the batch costs about k forwards anyway.
+  `score_frac` < 1 scores a random share of each module's live ranks (at least one per module)
+  and only those can be pruned: a deviation from the paper, off by default.
+- Zeroing a new rank's AdamW moments leaves the tensor's shared step count as it is, so Adam's
+  bias correction is already ~1 for those entries: their first updates are somewhat larger than
+  a fresh optimizer's would be.
+- Every decision depends only on val_loss values and a generator seeded with the step, so DDP
+  processes agree as long as val_loss returns the same number on each of them.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    r: int = 8  # live ranks per module at start: the budget per module
+    rmax: int | None = None  # rank slots per module, the most a module can grow to; None -> 2 r
+    alpha: float = 16.0  # ΔW is scaled by alpha / r, fixed per module
+    dropout: float = 0.05  # on the adapter's input only
+    k1: int | None = None  # steps before the first round; None -> 10% of the steps
+    k2: int | None = None  # recovery steps between rounds; None -> 2.5% of the steps
+    rounds: int | None = None  # N_A, prune/reallocate rounds; None -> as many as fit, at most 8
+    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> len(targets)
+    score_frac: float = 1.0  # share of each module's live ranks scored per round (paper: all)
+    targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"r must be positive, got {self.r}")
+        if self.rmax is None:
+            self.rmax = 2 * self.r
+        if self.rmax < self.r:
+            raise ValueError(f"rmax must be at least r = {self.r}, got {self.rmax}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("k1", "k2", "prune_per_round"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rounds is not None and self.rounds < 0:
+            raise ValueError(f"rounds must be zero or more, got {self.rounds}")
+        if not 0 < self.score_frac <= 1:
+            raise ValueError(f"score_frac must be in (0, 1], got {self.score_frac}")
+
+
+class ALoRALinear(nn.Linear):
+    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale B (gate ⊙ A x)."""
+
+    def __init__(self, base: nn.Linear, cfg: Config):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
+        self.cfg = cfg  # the round schedule, read by after_step
+        self.scale = cfg.alpha / cfg.r
+        self.dropout = nn.Dropout(cfg.dropout)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(cfg.rmax, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rmax, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        gate = (torch.arange(cfg.rmax, device=device) < cfg.r).float()
+        self.register_buffer("lora_gate", gate)  # persistent: it says which slots the adapter uses
+        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+
+    def delta_weight(self):
+        return self.scale * (self.lora_B * self.lora_gate) @ self.lora_A  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.w0 is not None:  # merged: ΔW is already inside weight
+            return y
+        # gating B's columns equals gating A x, and costs (out, rmax) instead of (B, T, rmax)
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.lora_gate)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.w0 is None:
+            self.w0 = self.weight.detach().clone()
+            self.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.w0 is not None:
+            self.weight.copy_(self.w0)
+            self.w0 = None
+
+
+def find_targets(model, targets):
+    """Module name -> nn.Linear for the layers `targets` names.
+
+    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
+    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
+    """
+    table = getattr(model, "TARGETS", {})
+    suffixes = tuple("." + table.get(t, t) for t in targets)
+    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+    if not found:
+        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+    return found
+
+
+def replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def apply(model, cfg: Config):
+    """Wrap every target layer in place and freeze everything but the adapter tensors."""
+    for name, linear in find_targets(model, cfg.targets).items():
+        replace(model, name, ALoRALinear(linear, cfg))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, ALoRALinear)}
+
+
+# --- the round schedule -------------------------------------------------------------------------
+
+def schedule(cfg, total_steps):
+    """(k1, k2, rounds) for a run of total_steps; rounds at steps k1, k1 + k2, ..."""
+    k1 = cfg.k1 if cfg.k1 is not None else max(1, total_steps // 10)
+    k2 = cfg.k2 if cfg.k2 is not None else max(1, total_steps // 40)
+    rounds = cfg.rounds if cfg.rounds is not None else min(8, max(0, (total_steps - k1) // k2))
+    return k1, k2, rounds
+
+
+def round_at(cfg, step, total_steps):
+    """The 1-based round that ends `step`, or 0 when this step holds none."""
+    k1, k2, rounds = schedule(cfg, total_steps)
+    k, rest = divmod(step - k1, k2)
+    return k + 1 if step >= k1 and rest == 0 and k < rounds else 0
+
+
+# --- AB-LoRA importance -------------------------------------------------------------------------
+
+def live_slots(m, frac, generator):
+    """The live slots of m to score: all of them, or a random ceil(frac * live) of them."""
+    live = m.lora_gate.nonzero().flatten().tolist()
+    k = math.ceil(frac * len(live))
+    if k == len(live):
+        return live
+    pick = torch.randperm(len(live), generator=generator)[:k]
+    return sorted(live[i] for i in pick.tolist())
+
+
+def ablation_score(m, slot, val_loss, base):
+    """IS = S(M) − S(M∖slot) + S(M_slot) with S = −CE; m's gates are restored afterwards."""
+    live = m.lora_gate.clone()
+    try:
+        m.lora_gate[slot] = 0
+        without = val_loss()  # M∖slot
+        m.lora_gate.zero_()
+        m.lora_gate[slot] = 1
+        alone = val_loss()  # M_slot: only this rank in m, every other module whole
+    finally:
+        m.lora_gate.copy_(live)
+    return -base + without - alone
+
+
+@torch.no_grad()
+def importance(model, val_loss, frac=1.0, generator=None):
+    """(S(M)'s loss, {module name: [(slot, IS), ...]}) over the scored live ranks."""
+    base = val_loss()
+    scores = {name: [(j, ablation_score(m, j, val_loss, base)) for j in live_slots(m, frac, generator)]
+              for name, m in layers(model).items()}
+    return base, scores
+
+
+# --- pruning and reallocation -------------------------------------------------------------------
+
+def spread(n, capacity):
+    """n new ranks over modules listed by importance: as even as possible, the remainder to the
+    first ones (footnote 3), none beyond a module's free slots. Returns the count per module."""
+    counts = [0] * len(capacity)
+    while n and any(c < cap for c, cap in zip(counts, capacity)):
+        for i, cap in enumerate(capacity):
+            if n and counts[i] < cap:
+                counts[i] += 1
+                n -= 1
+    return counts
+
+
+def reset_state(optimizer, p, index):
+    """Zero the optimizer's per-entry state (AdamW: exp_avg, exp_avg_sq) of p[index]."""
+    for v in optimizer.state.get(p, {}).values():
+        if torch.is_tensor(v) and v.shape == p.shape:
+            v[index] = 0
+
+
+@torch.no_grad()
+def grow(m, n, optimizer, generator=None):
+    """Turn on n dead slots of m: Kaiming row of A, zero column of B, so the output is unchanged."""
+    slots = (m.lora_gate == 0).nonzero().flatten()[:n]
+    rows = torch.empty(len(slots), m.in_features)  # fan_in = in, as for the whole lora_A
+    nn.init.kaiming_uniform_(rows, a=math.sqrt(5), generator=generator)
+    m.lora_A[slots] = rows.to(m.lora_A)
+    m.lora_B[:, slots] = 0
+    m.lora_gate[slots] = 1
+    reset_state(optimizer, m.lora_A, (slots,))
+    reset_state(optimizer, m.lora_B, (slice(None), slots))
+
+
+@torch.no_grad()
+def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=None):
+    """Score, prune the n_prune lowest, reallocate to modules that lost none.
+    Returns (validation loss of M, pruned module names, grown module names)."""
+    mods = layers(model)
+    base, scores = importance(model, val_loss, frac, generator)
+    ranked = sorted((s, name, j) for name, scored in scores.items() for j, s in scored)
+    pruned = ranked[:n_prune]
+    for _, name, j in pruned:
+        mods[name].lora_gate[j] = 0
+    lost = {name for _, name, _ in pruned}
+    mean = {name: sum(s for _, s in scored) / len(scored) if scored else -math.inf
+            for name, scored in scores.items()}
+    receivers = sorted((n for n in mods if n not in lost), key=lambda n: -mean[n])
+    free = [int((mods[n].lora_gate == 0).sum()) for n in receivers]
+    grown = []
+    for name, count in zip(receivers, spread(len(pruned), free)):
+        if count:
+            grow(mods[name], count, optimizer, generator)
+            grown += [name] * count
+    return base, [name for _, name, _ in pruned], grown
+
+
+# --- training hooks ------------------------------------------------------------------------------
+
+def param_groups(model, lr, weight_decay):
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+             "weight_decay": weight_decay}]
+
+
+def extra_loss(model):
+    return torch.zeros((), device=next(model.parameters()).device)
+
+
+def after_backward(model, step, total_steps):
+    pass
+
+
+def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    """On round steps: one AB-LoRA prune/reallocate round; figures of it. Otherwise {}."""
+    mods = layers(model)
+    cfg = next(iter(mods.values())).cfg
+    k = round_at(cfg, step, total_steps)
+    if not k:
+        return {}
+    if val_loss is None:
+        raise ValueError("ALoRA's rounds need val_loss, a closure returning the validation loss")
+    n_prune = cfg.prune_per_round or len(cfg.targets)
+    generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
+    base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
+    r = ranks(model)
+    return {"round": k, "val_loss": base, "live_rank": sum(r.values()), "pruned": pruned, "added": grown,
+            "ranks": r}
+
+
+def ranks(model):
+    return {n: int(m.lora_gate.sum()) for n, m in layers(model).items()}
+
+
+# --- after training ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def to_lora(model):
+    """Module name -> (A', B') with ΔW = B' A': the live slots only, the scale folded into B'."""
+    out = {}
+    for n, m in layers(model).items():
+        keep = m.lora_gate.nonzero().flatten()
+        out[n] = (m.lora_A[keep].detach().clone(), m.scale * m.lora_B[:, keep].detach())
+    return out
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold ΔW into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    for name, m in layers(model).items():
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        plain.weight, plain.bias = m.weight, m.bias
+        replace(model, name, plain)
+    return model

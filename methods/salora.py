@@ -1,0 +1,277 @@
+"""SaLoRA: Structure-Aware Low-Rank Adaptation for Parameter-Efficient Fine-Tuning
+(Hu, Zhang, Liu, Wang, Jiang, Zhang, Zhou and Zhang 2023, Mathematics 11(20):4317; no arXiv id).
+
+The idea: give every rank of a LoRA update a Hard-Concrete gate g_j in [0, 1] and learn the gates'
+parameters log α with an expected-L0 cost, so ranks that do not pay for themselves close; a
+Lagrange multiplier λ steers the expected density of the adapter to a target b.
+
+    y = x W0ᵀ + b + scale * ((dropout(x) lora_Aᵀ) * g) lora_Bᵀ        ΔW = scale lora_B diag(g) lora_A
+    train: u ~ U(0, 1) once per forward (one mask shared by the batch's examples),
+           g = clamp(sigmoid((log u - log(1 - u) + lora_logalpha) / tau) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    eval:  g = clamp(sigmoid(lora_logalpha) * (ZETA - GAMMA) + GAMMA, 0, 1)         (deterministic)
+    E‖g‖0 = Σ_j sigmoid(lora_logalpha_j - tau log(-GAMMA / ZETA))                         [eq. 8]
+    density C = Σ_i E‖g_i‖0 (out_i + in_i) / Σ_i rmax (out_i + in_i)                      [eq. 11]
+    loss = task + beta Σ_i (‖BᵢᵀBᵢ - I‖²_F + ‖AᵢAᵢᵀ - I‖²_F) + lam (C - target_density)²   [eq. 9, 12]
+    lam <- max(0, lam + lagrangian_lr (C - target_density)²)   projected ascent, each step in the window
+    lora_logalpha and lam train only in the window t_start < step <= t_end; frozen outside it.
+
+Hyperparameters: rmax = 8 and target density b = 0.5 (the paper's Fig. 7); GAMMA = -0.1,
+ZETA = 1.1, tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py);
+log α ~ N(log(1 - p) - log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so
+that every rank starts open: P(g > 0) ≈ 0.99, eval gate 1). alpha = 16, dropout = 0.05 as LoRA.
+
+Where this file decides what the paper leaves open (METHODS.md / METHODS-DETAIL.md §7):
+- scale = alpha / rmax, LoRA style; the paper does not scale. A Kaiming, B zero: ΔW = 0 at init.
+- eq. 11 as printed sums per-matrix densities (range [0, K]); C here is normalised over all
+  matrices, so b in (0, 1] is the fraction of the adapter's parameters expected to stay.
+- The paper's Lagrangian term is purely quadratic, so (C - b)² >= 0 and projected ascent can
+  never lower lam: it is a growing penalty, not a true multiplier. Kept as printed.
+- The paper does not say what happens outside [T_start, T_end]. Here gates are sampled in every
+  training step but log α and lam stay frozen outside the window: after_backward drops log α's
+  gradient (grad = None), so the optimizer skips it (no value change, no moment update) while it
+  still takes part in the forward. Defaults: t_start = 10 %, t_end = 70 % of total_steps.
+- beta = 0.1 (AdaLoRA's orthogonality weight); the paper gives none.
+- log α is in its own optimizer group, with its own lr gate_lr = 0.02 (the paper gives none) and no
+  weight decay (decay would pull every gate to P(g > 0) ≈ 0.83). AdamW moves log α by about its lr
+  per step, and a gate needs ~4.5 to go from open (2.94) to density 0.5 (-1.6): at a LoRA lr of
+  1e-4 that would take ~45k steps. lagrangian_lr = 1.0 (the paper gives none either).
+- ranks() counts eval gates > 0, which close only below log α = -2.4 (P(g > 0) = 0.31): reaching
+  density b closes ranks only as far as the gates polarise (all gates at P = 0.5 close none).
+
+Usage:
+    cfg = Config(rmax=8, target_density=0.5); apply(model, cfg)
+    ... train as train.py does; after_step returns {"density": C, "lam": lam}
+    to_lora(model) / merge(model) use the eval gates and drop the ranks whose gate is 0.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GAMMA, ZETA = -0.1, 1.1  # the stretch interval (GAMMA, ZETA) puts probability mass on exactly 0 and 1
+EPS = 1e-6  # keeps log u and log(1 - u) finite
+
+
+@dataclass
+class Config:
+    rmax: int = 8  # initial rank of every update; gates close some of them
+    target_density: float = 0.5  # b: fraction of the adapter's parameters expected to stay
+    beta: float = 0.1  # weight of the orthogonality regulariser
+    temperature: float = 2 / 3  # tau of the Hard-Concrete distribution
+    t_start: int | None = None  # gates and lam train at steps t_start < step <= t_end;
+    t_end: int | None = None  # None: 10 % and 70 % of total_steps
+    lagrangian_lr: float = 1.0  # step size of the ascent on lam
+    gate_lr: float = 0.02  # AdamW lr of log α (its own group; scheduled like the model's lr)
+    droprate_init: float = 0.05  # p: log α starts at log(1 - p) - log p
+    alpha: float = 16.0  # ΔW is scaled by alpha / rmax
+    dropout: float = 0.05  # on the adapter's input only
+    targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
+
+    def __post_init__(self):
+        if self.rmax <= 0:
+            raise ValueError(f"rmax must be positive, got {self.rmax}")
+        if not 0 < self.target_density <= 1:
+            raise ValueError(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.t_start is not None and self.t_start < 0:
+            raise ValueError(f"t_start must be non-negative, got {self.t_start}")
+        if self.t_end is not None and self.t_end <= (self.t_start or 0):
+            raise ValueError(f"t_end must be greater than t_start (and 0), got {self.t_end}")
+        if self.lagrangian_lr < 0:
+            raise ValueError(f"lagrangian_lr must be non-negative, got {self.lagrangian_lr}")
+        if self.gate_lr <= 0:
+            raise ValueError(f"gate_lr must be positive, got {self.gate_lr}")
+        if not 0 < self.droprate_init < 1:
+            raise ValueError(f"droprate_init must be in (0, 1), got {self.droprate_init}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# --- the Hard-Concrete gate ------------------------------------------------------------------------
+
+def sample_gates(logalpha, tau):
+    """One draw of g per entry of logalpha, differentiable in logalpha (reparameterised)."""
+    u = torch.rand_like(logalpha).clamp(EPS, 1 - EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logalpha) / tau) * (ZETA - GAMMA) + GAMMA
+    return s.clamp(0, 1)
+
+
+def eval_gates(logalpha):
+    return (torch.sigmoid(logalpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def expected_l0(logalpha, tau):
+    """P(g > 0) per gate, in closed form [eq. 8]."""
+    return torch.sigmoid(logalpha - tau * math.log(-GAMMA / ZETA))
+
+
+class SaLoRALinear(nn.Linear):
+    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale B diag(g) A x."""
+
+    def __init__(self, base: nn.Linear, rmax, alpha, dropout, temperature, droprate_init):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
+        self.scale, self.tau = alpha / rmax, temperature
+        self.dropout = nn.Dropout(dropout)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rmax, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rmax, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        mean = math.log(1 - droprate_init) - math.log(droprate_init)
+        self.lora_logalpha = nn.Parameter(torch.normal(mean, 0.01, (rmax,), device=dev))
+        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+
+    def gates(self):
+        return sample_gates(self.lora_logalpha, self.tau) if self.training else eval_gates(self.lora_logalpha)
+
+    def delta_weight(self):
+        return self.scale * (self.lora_B * eval_gates(self.lora_logalpha)) @ self.lora_A  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.w0 is not None:  # merged: ΔW is already inside weight
+            return y
+        h = F.linear(self.dropout(x), self.lora_A) * self.gates()  # (..., rmax), one mask for the batch
+        return y + self.scale * F.linear(h, self.lora_B)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.w0 is None:
+            self.w0 = self.weight.detach().clone()
+            self.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.w0 is not None:
+            self.weight.copy_(self.w0)
+            self.w0 = None
+
+
+def find_targets(model, targets):
+    """Module name -> nn.Linear for the layers `targets` names.
+
+    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
+    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
+    """
+    table = getattr(model, "TARGETS", {})
+    suffixes = tuple("." + table.get(t, t) for t in targets)
+    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+    if not found:
+        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+    return found
+
+
+def replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def apply(model, cfg: Config):
+    """Wrap every target layer in place and freeze everything but the adapter tensors."""
+    for name, linear in find_targets(model, cfg.targets).items():
+        replace(model, name, SaLoRALinear(linear, cfg.rmax, cfg.alpha, cfg.dropout, cfg.temperature,
+                                          cfg.droprate_init))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    model.salora_cfg = cfg  # the budget's settings, for the hooks below
+    # the Lagrange multiplier: training-only, so not in the adapter (a checkpoint keeps lora_* buffers)
+    lam = torch.zeros((), device=next(model.parameters()).device)
+    model.register_buffer("lora_lam", lam, persistent=False)
+    return model
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SaLoRALinear)}
+
+
+# --- training hooks --------------------------------------------------------------------------------
+
+def param_groups(model, lr, weight_decay):
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    factors = [p for n, p in params if not n.endswith("lora_logalpha")]
+    gates = [p for n, p in params if n.endswith("lora_logalpha")]
+    return [{"params": factors, "lr": lr, "weight_decay": weight_decay},
+            {"params": gates, "lr": model.salora_cfg.gate_lr, "weight_decay": 0.0}]
+
+
+def density(model):
+    """C: the expected fraction of the adapter's parameters whose gate is open [eq. 11, normalised]."""
+    kept = total = 0
+    for m in layers(model).values():
+        size = m.in_features + m.out_features  # parameters of one rank: a row of A, a column of B
+        kept = kept + expected_l0(m.lora_logalpha, m.tau).sum() * size
+        total += m.lora_A.shape[0] * size
+    return kept / total
+
+
+def orthogonality(m):
+    eye = torch.eye(m.lora_A.shape[0], device=m.lora_A.device)
+    return ((m.lora_B.T @ m.lora_B - eye) ** 2).sum() + ((m.lora_A @ m.lora_A.T - eye) ** 2).sum()
+
+
+def extra_loss(model):
+    cfg = model.salora_cfg
+    orth = sum(orthogonality(m) for m in layers(model).values())
+    return cfg.beta * orth + model.lora_lam * (density(model) - cfg.target_density) ** 2
+
+
+def window(cfg, total_steps):
+    """(t_start, t_end): log α and lam train at steps t_start < step <= t_end."""
+    t_start = total_steps // 10 if cfg.t_start is None else cfg.t_start
+    t_end = 7 * total_steps // 10 if cfg.t_end is None else cfg.t_end
+    return t_start, t_end
+
+
+def in_window(model, step, total_steps):
+    t_start, t_end = window(model.salora_cfg, total_steps)
+    return t_start < step <= t_end
+
+
+def after_backward(model, step, total_steps):
+    if not in_window(model, step, total_steps):
+        for m in layers(model).values():
+            m.lora_logalpha.grad = None  # the optimizer skips a parameter without a gradient
+
+
+@torch.no_grad()
+def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    c, cfg = density(model), model.salora_cfg
+    if in_window(model, step, total_steps):
+        # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
+        model.lora_lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)
+    c, lam = torch.stack((c, model.lora_lam)).tolist()  # one device sync for the log
+    return {"density": c, "lam": lam}
+
+
+def ranks(model):
+    return {n: int((eval_gates(m.lora_logalpha) > 0).sum()) for n, m in layers(model).items()}
+
+
+# --- after training ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def to_lora(model):
+    """Module name -> (A', B') with ΔW = B' A': eval gates, closed ranks dropped, gate and scale in B'."""
+    out = {}
+    for n, m in layers(model).items():
+        g = eval_gates(m.lora_logalpha)
+        keep = g > 0
+        out[n] = (m.lora_A[keep].clone(), m.scale * m.lora_B[:, keep] * g[keep])
+    return out
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold ΔW (eval gates) into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    for name, m in layers(model).items():
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        plain.weight, plain.bias = m.weight, m.bias
+        replace(model, name, plain)
+    return model

@@ -1,0 +1,88 @@
+"""train.py and eval.py end to end on a tiny checkpoint, for every method; the CLI's errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluate
+import methods
+import models
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "24", "--batch-size", "2", "--seq-len", "512", "--log-every", "5", "--val-size", "2"]
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
+    out = tmp_path / name
+    summary = train.main(["--method", name, "--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    for f in ("adapter.safetensors", "config.json", "log.jsonl", "summary.json"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "summary.json").read_text()) == summary
+    for key in ("method", "trainable_params", "base_params", "steps", "seconds", "final_loss", "ranks"):
+        assert key in summary
+    assert summary["ranks"] and all(r >= 0 for r in summary["ranks"].values())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 24 and all({"step", "loss", "lr", "tokens_per_s"} <= rec.keys() for rec in log)
+
+    model, _ = models.load(tiny_checkpoint)
+    methods.load_adapter(model, out)
+    assert sum(t.numel() for k, t in model.named_parameters() if "lora_" in k) > 0
+    rows = evaluate.main(["--model", str(tiny_checkpoint), "--adapter", str(out), "--limit", "3",
+                          "--max-new-tokens", "4", "--json", str(tmp_path / "rows.json")])
+    assert [r["name"] for r in rows] == ["base", name]
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 3 for r in rows)
+
+
+def test_resume_continues_to_the_same_adapter(tmp_path, tiny_checkpoint, monkeypatch):
+    from safetensors.torch import load_file
+
+    args = ["--method", "lora", "--model", str(tiny_checkpoint), *FAST, "--steps", "10", "--save-every", "4"]
+    train.main([*args, "--out", str(tmp_path / "full")])
+    assert not (tmp_path / "full" / "checkpoint.pt").exists()  # removed once the run completes
+
+    lora, real_after_step = methods.get("lora"), methods.get("lora").after_step
+
+    def crash_at_9(model, opt, step, total, **kw):
+        if step == 9:
+            raise KeyboardInterrupt  # the run dies between checkpoints
+        return real_after_step(model, opt, step, total, **kw)
+
+    monkeypatch.setattr(lora, "after_step", crash_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out", str(tmp_path / "cut")])
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    monkeypatch.setattr(lora, "after_step", real_after_step)
+    train.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "cut" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_perplexity_of_a_text_file(tmp_path, tiny_checkpoint):
+    text = tmp_path / "t.txt"
+    text.write_text("Plain words for a perplexity check. " * 20)
+    rows = evaluate.main(["--model", str(tiny_checkpoint), "--text", str(text), "--seq-len", "64"])
+    assert 1 < rows[0]["perplexity"] < 1000  # a random 259-token model: near uniform
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.py", "--method", "nope"], "unknown method"),
+    (["train.py", "--method", "lora", "--r", "0"], "r must be positive"),
+    (["train.py", "--method", "lora", "--steps", "0"], "--steps must be positive"),
+    (["train.py", "--model", "/no/such/model.gguf"], "does not exist"),
+    (["eval.py", "--adapter", "/no/such/adapter"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,237 @@
+"""Fine-tune a model with one LoRA-family method.
+
+    python train.py --method sora --rmax 16                  # the default model and built-in task
+    python train.py --method lora --model DIR --data train.json --steps 1000 --out out/mine
+
+Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` after
+`--method NAME` lists them. Writes into --out (default out/METHOD): adapter.safetensors,
+config.json, log.jsonl (one line per logged step), summary.json; with --save-every N also
+checkpoint.pt, from which --resume continues.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+import data
+import methods
+import models
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_config_flags(parser, config_cls):
+    """One flag per dataclass field; the type comes from the annotation, the default from the field."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x),
+                                default=f.default, metavar="A,B,...")
+        else:
+            kind = args[0] if args else hint  # `int | None` -> int
+            parser.add_argument(flag, type=kind, default=f.default)
+
+
+def parse_args(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="lora")
+    known, _ = pre.parse_known_args(argv)
+    method = methods.get(known.method)
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="lora", choices=methods.NAMES)
+    p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl training file (default: the built-in task)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (all micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--val-size", type=int, default=16, help="held-out examples for methods that score on them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default: out/METHOD)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    group = p.add_argument_group(f"{known.method} method flags")
+    add_config_flags(group, method.Config)
+    args = p.parse_args(argv)
+    cfg_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(method.Config)}
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size % args.grad_accum:
+        raise ValueError("--batch-size must be a multiple of --grad-accum")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    args.out = Path(args.out or f"out/{args.method}")
+    args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
+    return args, method, method.Config(**cfg_kwargs)
+
+
+# ----------------------------------------------------------------------------- pieces of the run
+
+def lr_lambda(args):
+    def f(step):  # the multiplier of the base lr after `step` optimizer steps
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
+    return f
+
+
+def load_data(args, tok):
+    if tok is None:
+        raise data.DataError("this model has no tokenizer: put tokenizer.json next to its weights")
+    train = data.load_split(args.data, "train")
+    if args.data is None:
+        val = data.arithmetic("val", args.val_size)
+    else:  # hold out the last examples of the file; they never train
+        if len(train) <= args.val_size:
+            raise data.DataError(f"{args.data} has {len(train)} examples: fewer than --val-size + 1")
+        train, val = train[:-args.val_size], train[-args.val_size:]
+    return data.encode_all(tok, train, args.seq_len), data.collate(data.encode_all(tok, val, args.seq_len))
+
+
+def val_closure(model, val_batch):
+    @torch.no_grad()
+    def val_loss():
+        was_training = model.training
+        model.eval()
+        loss = model.loss(*val_batch).item()
+        model.train(was_training)
+        return loss
+    return val_loss
+
+
+def save_checkpoint(path, model, opt, sched, step):
+    state = {"adapter": methods.adapter_state(model),
+             "method_buffers": {k: v.clone() for k, v in model.named_buffers() if "lora_" in k},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+             "rng": torch.get_rng_state()}
+    methods.atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path, model, opt, sched):
+    state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
+    model.load_state_dict(state["adapter"], strict=False)
+    for k, v in state["method_buffers"].items():
+        mod, _, attr = k.rpartition(".")
+        getattr(model.get_submodule(mod), attr).copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def scalars(figures):
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in figures.items() if isinstance(v, (int, float)))
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    args, method, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    model, tok = models.load(args.model)
+    base_params = sum(p.numel() for p in model.parameters())
+    train_set, val_batch = load_data(args, tok)
+    torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
+    method.apply(model, cfg)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / base_params:.3f}% of "
+          f"{base_params:,}); {len(train_set)} training examples; loaded in {time.time() - t0:.1f}s")
+    print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+
+    opt = torch.optim.AdamW(method.param_groups(model, args.lr, args.weight_decay), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    val_loss = val_closure(model, val_batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / "checkpoint.pt"
+    start = load_checkpoint(ckpt, model, opt, sched) if args.resume and ckpt.exists() else 0
+    if args.resume and not start:
+        print(f"no checkpoint in {args.out}: starting from step 0")
+    info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
+            "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    log = open(args.out / "log.jsonl", "a" if start else "w")
+
+    micro = args.batch_size // args.grad_accum
+    t_start, tokens, loss_avg = time.time(), 0, None
+    for step in range(start + 1, args.steps + 1):
+        step_loss = 0.0
+        for k in range(args.grad_accum):
+            x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
+            loss = model.loss(x, y) + method.extra_loss(model)
+            (loss / args.grad_accum).backward()
+            step_loss += loss.item() / args.grad_accum
+            tokens += x.numel()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
+                                     "(the last checkpoint, if any, is kept)")
+        method.after_backward(model, step, args.steps)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip)
+        opt.step()
+        sched.step()
+        figures = method.after_step(model, opt, step, args.steps, val_loss=val_loss)
+        opt.zero_grad(set_to_none=True)
+
+        loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
+        if figures or step % args.log_every == 0 or step == args.steps:  # method events always logged
+            elapsed = time.time() - t_start
+            lr = opt.param_groups[0]["lr"]
+            rec = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / elapsed, **figures}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            eta = elapsed / (step - start) * (args.steps - step)
+            print(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {tokens / elapsed:.0f} tok/s"
+                  f" | ETA {fmt_time(eta)}" + (f" | {scalars(figures)}" if scalars(figures) else ""), flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            methods.save_adapter(model, args.out, args.method, cfg, **info)
+            save_checkpoint(ckpt, model, opt, sched, step)
+    log.close()
+
+    model.eval()
+    methods.save_adapter(model, args.out, args.method, cfg, **info)
+    ranks = method.ranks(model)
+    summary = {"method": args.method, "trainable_params": n_trainable, "base_params": base_params,
+               "steps": args.steps, "seconds": round(time.time() - t_start, 1), "final_loss": loss_avg,
+               "val_loss": val_loss(), "ranks": ranks, "total_rank": sum(ranks.values())}
+    methods.atomic_write(args.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    if ckpt.exists():
+        os.remove(ckpt)  # the run is complete: the adapter is what remains
+    print(f"done in {fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
+          f"{summary['total_rank']}; wrote {args.out}/adapter.safetensors")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
