@@ -54,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--method", default="lora", choices=methods.NAMES)
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl training file (default: the built-in task)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped")

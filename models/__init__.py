@@ -2,8 +2,6 @@
 import importlib.util
 from pathlib import Path
 
-import torch
-
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 from .tokenizer import Tokenizer

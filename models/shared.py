@@ -60,7 +60,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_t
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    logits = model(idx, pos=pos, cache=cache)[:, -1]
+    logits = model.lm_head(model.hidden(idx, pos, cache)[:, -1])  # the head only where it is read
     for _ in range(max_new_tokens):
         tok = sample(logits, temperature, top_k)  # (B,)
         done |= torch.isin(tok, stop)

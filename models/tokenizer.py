@@ -28,9 +28,16 @@ class Tokenizer:
     chat: str | None = None  # "chatml", "llama3" or None (plain text)
     system: str | None = None  # ChatML's default system message, when the template has one
     stop: list[int] = field(default_factory=list)
+    missing: bytes = b""  # bytes the vocabulary has no token for (SmolLM2 lacks 21 of them)
 
     def encode(self, text):
-        """Ordinary text: special-token strings in it are treated as plain text."""
+        """Ordinary text: special-token strings in it are treated as plain text. Characters whose
+        UTF-8 holds a byte the vocabulary cannot spell are dropped, as HF's BPE without byte
+        fallback does (tiktoken would panic on them)."""
+        if self.missing:
+            raw = text.encode("utf-8")
+            if raw.translate(None, self.missing) != raw:
+                text = "".join(c for c in text if c.encode("utf-8").translate(None, self.missing) == c.encode("utf-8"))
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
@@ -73,7 +80,9 @@ def from_vocab(name, vocab, specials, pattern, template=None):
     dec = byte_decoder()
     ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in specials}
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    return with_chat(enc, template)
+    tok = with_chat(enc, template)
+    tok.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
+    return tok
 
 
 def with_chat(enc, template=None):

@@ -16,15 +16,6 @@ from tests.conftest import tiny_gpt, tiny_llama
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def batch(model, seed=0, B=2, T=8):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)

@@ -1,0 +1,209 @@
+"""Mo-SARA: Mixture-of-SARA (Gu et al. 2024, "SARA: Singular-Value Based Adaptive Low-Rank
+Adaption", arXiv 2408.03290, §4.3, Eq. 5-6).
+
+The idea: keep the top-k singular vectors of W0 frozen and train only singular values: m parallel
+sets of them, mixed per token by a tiny router, and a vector v after the truncated matrix that
+starts at zero. A layer trains m*k + out + k + m numbers, orders of magnitude fewer than LoRA.
+
+    W0 = U diag(σ) V (SVD);  lora_U (out, k), lora_V (k, in): its top-k vectors, frozen buffers
+    z = dropout(x) lora_Vᵀ                                   (..., k)
+    g = softmax((z lora_w1) lora_w2)                         (..., m)   lora_w1 (k, 1), lora_w2 (1, m)
+    y = x W0ᵀ + b + ((z * (g lora_lam)) lora_Uᵀ) * lora_v     lora_lam (m, k), lora_v (out,) = 0 at init
+
+Hyperparameters (paper): threshold 0.5 (math; commonsense 0.8 / 0.5), heads m = 5 (3 on E2E),
+dropout 0.05, lr 3e-2 (7e-2 on E2E), targets q and v.
+
+Notes and decisions (METHODS.md):
+- k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. Measured
+  on the default model's 60 q/v matrices, one CPU thread: the full SVD takes 1.9 s. At threshold
+  0.5, k is 20-35% of min(in, out). There torch.svd_lowrank (q = k + 32) needs niter = 8 to lose
+  under 2e-4 of the top-k singular-value mass, and then takes 2.1 s, plus 1.1 s of svdvals to find
+  k first. A truncated factorisation only pays for small k, which Mo-SARA's thresholds do not give.
+- The router has a one-unit bottleneck: the logits are s * w2 for a scalar s per token, so only the
+  heads at the extremes of w2 (argmax or argmin) can ever dominate a token. That is the published
+  design; router_weights() exposes the mean gates for a heatmap (the paper's Fig. 7).
+- Initialisation (the paper says "randomly", Kaiming-uniform): each head of lora_lam U(-1, 1) (Kaiming
+  of a (k, 1) column), lora_w1 U(±1/√k) and lora_w2 U(-1, 1) (bias-free nn.Linear(k, 1) and
+  nn.Linear(1, m)); the router and the adapter share z = dropout(x) lora_Vᵀ.
+- The frozen vectors are saved with the adapter (they carry `lora_`), so a reload never depends on
+  which SVD routine or device produced them.
+- Not mergeable when m > 1: the mixture of singular values depends on the token. With m = 1 the
+  gate is exactly 1 and Mo-SARA is a LoRA with A' = diag(lam_1) V, B' = diag(v) U.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    threshold: float = 0.5  # share of the singular-value sum that sets each layer's rank k
+    heads: int = 5  # m parallel singular-value vectors mixed by the router
+    dropout: float = 0.05  # on the adapter's (and router's) input only
+    targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
+
+    def __post_init__(self):
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.heads < 1:
+            raise ValueError(f"heads must be at least 1, got {self.heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def top_singular(weight, threshold):
+    """(U_k (out, k), V_k (k, in)) of weight = U diag(σ) V, k from Algorithm 1 (see sara.py)."""
+    w = weight.detach()
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight has non-finite entries: its spectrum is undefined")
+    U, s, V = torch.linalg.svd(w.float(), full_matrices=False)  # float32 vectors are plenty
+    if s[0] == 0:
+        raise ValueError("the weight is a zero matrix: it has no spectrum to choose k from")
+    s = torch.where(s > s[0] * max(w.shape) * torch.finfo(s.dtype).eps, s, 0).double()  # noise is rank 0
+    cum = torch.cumsum(s, 0)
+    k = int(torch.searchsorted(cum, threshold * cum[-1])) + 1  # 1 <= k <= n since threshold <= 1
+    return U[:, :k].contiguous(), V[:k].contiguous()
+
+
+class MoSARALinear(nn.Linear):
+    """An nn.Linear that shares the wrapped layer's weight and bias and adds the routed SARA branch."""
+
+    def __init__(self, base: nn.Linear, U, V, heads, dropout):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
+        self.dropout = nn.Dropout(dropout)
+        self.train(base.training)  # wrapping does not change the model's train/eval mode
+        k, dev = U.shape[1], base.weight.device
+        self.register_buffer("lora_U", U)  # (out, k) frozen
+        self.register_buffer("lora_V", V)  # (k, in) frozen
+        self.lora_lam = nn.Parameter(torch.empty(heads, k, device=dev).uniform_(-1, 1))
+        self.lora_w1 = nn.Parameter(torch.empty(k, 1, device=dev).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k)))
+        self.lora_w2 = nn.Parameter(torch.empty(1, heads, device=dev).uniform_(-1, 1))
+        self.lora_v = nn.Parameter(torch.zeros(self.out_features, device=dev))  # ΔW = 0 at init
+        self.gate_mean = None  # (m,) mean gate over the last forward's tokens, for router_weights
+        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+
+    def gates(self, z):
+        return torch.softmax((z @ self.lora_w1) * self.lora_w2, dim=-1)  # (..., 1) * (1, m) -> (..., m)
+
+    def check_mergeable(self):
+        if self.lora_lam.shape[0] > 1:
+            raise ValueError(f"Mo-SARA with {self.lora_lam.shape[0]} heads has no ΔW: the router mixes "
+                             "the singular values per token (only heads = 1 merges)")
+
+    def delta_weight(self):
+        self.check_mergeable()
+        return (self.lora_v[:, None] * self.lora_U) @ (self.lora_lam[0][:, None] * self.lora_V)  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.w0 is not None:  # merged: ΔW is already inside weight
+            return y
+        z = F.linear(self.dropout(x), self.lora_V)  # (..., k)
+        g = self.gates(z)
+        self.gate_mean = g.detach().reshape(-1, g.shape[-1]).mean(0)  # a tiny reduction, kept for the heatmap
+        return y + F.linear(z * (g @ self.lora_lam), self.lora_U) * self.lora_v
+
+    @torch.no_grad()
+    def merge(self):
+        if self.w0 is None:
+            delta = self.delta_weight()
+            self.w0 = self.weight.detach().clone()
+            self.weight += delta
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.w0 is not None:
+            self.weight.copy_(self.w0)
+            self.w0 = None
+
+
+def find_targets(model, targets):
+    """Module name -> nn.Linear for the layers `targets` names.
+
+    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
+    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
+    """
+    table = getattr(model, "TARGETS", {})
+    suffixes = tuple("." + table.get(t, t) for t in targets)
+    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+    if not found:
+        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+    return found
+
+
+def replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def apply(model, cfg: Config):
+    """Freeze each target layer's top-k singular vectors, wrap it, freeze all but the adapters."""
+    for name, linear in find_targets(model, cfg.targets).items():
+        U, V = top_singular(linear.weight, cfg.threshold)
+        replace(model, name, MoSARALinear(linear, U, V, cfg.heads, cfg.dropout))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoSARALinear)}
+
+
+# --- training hooks: Mo-SARA needs none of them -------------------------------------------------
+
+def param_groups(model, lr, weight_decay):
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+             "weight_decay": weight_decay}]
+
+
+def extra_loss(model):
+    return torch.zeros((), device=next(model.parameters()).device)
+
+
+def after_backward(model, step, total_steps):
+    pass
+
+
+def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    return {}
+
+
+def ranks(model):
+    """Module name -> k, the number of frozen singular directions it tunes."""
+    return {n: m.lora_U.shape[1] for n, m in layers(model).items()}
+
+
+def router_weights(model):
+    """Module name -> mean gate per head over the tokens of the most recent forward pass."""
+    return {n: m.gate_mean.tolist() for n, m in layers(model).items() if m.gate_mean is not None}
+
+
+# --- after training ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def to_lora(model):
+    """Module name -> (A', B') = (diag(lam_1) V, diag(v) U) with ΔW = B' A'; heads = 1 only."""
+    mods = layers(model)
+    for m in mods.values():
+        m.check_mergeable()
+    return {n: (m.lora_lam[0][:, None] * m.lora_V, m.lora_v[:, None] * m.lora_U) for n, m in mods.items()}
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold ΔW into W0 and put plain nn.Linear layers back (heads = 1 only)."""
+    mods = layers(model)
+    for m in mods.values():
+        m.check_mergeable()  # before touching any layer, so a refusal leaves the model as it was
+    for name, m in mods.items():
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        plain.weight, plain.bias = m.weight, m.bias
+        replace(model, name, plain)
+    return model

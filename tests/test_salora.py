@@ -1,0 +1,303 @@
+"""SaLoRA: Hard-Concrete gates, expected L0, the density constraint's multiplier, and the contract."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import methods
+from conftest import tiny_gpt, tiny_llama
+from methods import salora
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def batch(seed=0, B=2, T=8, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (B, T), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def perturb(model, seed, closed=0.3):
+    """Random B and log α (a share of gates closed), as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in salora.layers(model).values():
+            m.lora_B.normal_(0, 0.5, generator=g)
+            shut = torch.rand(m.lora_logalpha.shape, generator=g) < closed
+            m.lora_logalpha.copy_(torch.where(shut, -5.0, torch.randn(m.lora_logalpha.shape, generator=g)))
+    return model
+
+
+def train(model, steps, total_steps=None, lr=1e-2, on_step=lambda figures: None):
+    """Drive an applied model exactly like train.py does (one micro-batch per step); figures per step."""
+    total_steps = total_steps or steps
+    model.train()
+    opt = torch.optim.AdamW(salora.param_groups(model, lr, 0.01))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    x, y = batch()
+    history = []
+    for step in range(1, steps + 1):
+        (model.loss(x, y) + salora.extra_loss(model)).backward()
+        salora.after_backward(model, step, total_steps)
+        nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        history.append(salora.after_step(model, opt, step, total_steps))
+        on_step(history[-1])
+        opt.zero_grad(set_to_none=True)
+    return history
+
+
+# --- the gate ---------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=16), st.floats(0.05, 3.0), st.integers(0, 2**31))
+def test_gates_lie_in_unit_interval(logalpha, tau, seed):
+    torch.manual_seed(seed)
+    la = torch.tensor(logalpha).expand(64, -1)
+    for g in (salora.sample_gates(la, tau), salora.eval_gates(la)):
+        assert g.min() >= 0 and g.max() <= 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-4, 4), min_size=1, max_size=4), st.floats(0.3, 1.5), st.integers(0, 2**31))
+def test_expected_l0_matches_monte_carlo(logalpha, tau, seed):
+    torch.manual_seed(seed)
+    la = torch.tensor(logalpha)
+    n = 200_000
+    mc = (salora.sample_gates(la.expand(n, -1), tau) > 0).double().mean(0)
+    p = salora.expected_l0(la, tau).double()
+    assert torch.all((mc - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-4)
+
+
+@SETTINGS
+@given(st.integers(1, 16), st.floats(-8, 8), st.floats(0.01, 4), st.floats(0.3, 1.5))
+def test_expected_l0_in_open_interval_and_increasing(r, start, step, tau):
+    la = torch.full((r,), start)
+    e = salora.expected_l0(la, tau).sum()
+    assert 0 < e < r
+    assert torch.all(salora.expected_l0(la + step, tau) > salora.expected_l0(la, tau))
+
+
+def test_init_opens_every_rank():
+    model = salora.apply(tiny_llama(), salora.Config())
+    for m in salora.layers(model).values():
+        assert torch.all(salora.eval_gates(m.lora_logalpha) == 1)
+        assert torch.all(salora.expected_l0(m.lora_logalpha, m.tau) > 0.98)
+
+
+def test_eval_gates_deterministic_and_one_mask_per_batch():
+    model = perturb(salora.apply(tiny_llama(), salora.Config(dropout=0.0, targets=("q", "v", "o"))), 0, 0.0)
+    x, _ = batch(B=1)
+    x = x.expand(3, -1)  # three identical examples
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        torch.manual_seed(0)
+        a, b = model(x), model(x)
+    assert not torch.equal(a, b)  # a fresh mask each forward ...
+    assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2])  # ... shared by the batch's examples
+
+
+# --- the regularisers and the multiplier -------------------------------------------------------------
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(0, 6), st.integers(0, 6), st.integers(0, 2**31))
+def test_orthogonality_zero_only_at_orthonormal_factors(r, extra_in, extra_out, seed):
+    torch.manual_seed(seed)
+    m = salora.SaLoRALinear(nn.Linear(r + extra_in, r + extra_out), r, 16.0, 0.0, 2 / 3, 0.05).double()
+    with torch.no_grad():
+        m.lora_A.copy_(torch.linalg.qr(torch.randn(r + extra_in, r).double())[0].T)  # orthonormal rows
+        m.lora_B.copy_(torch.linalg.qr(torch.randn(r + extra_out, r).double())[0])  # orthonormal columns
+    reg = salora.orthogonality(m)
+    reg.backward()
+    assert reg < 1e-20 and m.lora_A.grad.abs().max() < 1e-9 and m.lora_B.grad.abs().max() < 1e-9
+    with torch.no_grad():
+        m.lora_A.mul_(1.1)
+    assert salora.orthogonality(m) > 1e-3
+
+
+@SETTINGS
+@given(st.floats(0.05, 1.0), st.floats(0, 10), st.lists(st.floats(-6, 6), min_size=1, max_size=6),
+       st.integers(0, 2**31))
+def test_lambda_never_negative_nor_decreasing(b, lr, moves, seed):
+    model = salora.apply(tiny_llama(), salora.Config(target_density=b, lagrangian_lr=lr, t_start=0))
+    lams = [model.lora_lam.item()]
+    g = torch.Generator().manual_seed(seed)
+    for step, move in enumerate(moves, 1):
+        with torch.no_grad():
+            for m in salora.layers(model).values():
+                m.lora_logalpha.add_(move * torch.rand(m.lora_logalpha.shape, generator=g))
+        figures = salora.after_step(model, None, step, len(moves))
+        assert figures["lam"] == model.lora_lam.item()
+        lams.append(figures["lam"])
+    assert all(0 <= before <= after for before, after in zip(lams, lams[1:]))
+
+
+def test_lambda_unchanged_when_density_on_target():
+    model = salora.apply(tiny_llama(), salora.Config(lagrangian_lr=5.0, t_start=0))
+    model.lora_lam.fill_(2.5)
+    model.salora_cfg.target_density = salora.density(model).item()
+    assert salora.after_step(model, None, 1, 10)["lam"] == 2.5
+
+
+def test_extra_loss_is_orthogonality_and_density_terms():
+    model = salora.apply(tiny_llama(), salora.Config(beta=0.3, target_density=0.4))
+    model.lora_lam.fill_(2.0)
+    layers = salora.layers(model).values()
+    sizes = [m.in_features + m.out_features for m in layers]
+    kept = sum(salora.expected_l0(m.lora_logalpha, m.tau).sum() * d for m, d in zip(layers, sizes))
+    total = sum(m.lora_A.shape[0] * d for m, d in zip(layers, sizes))
+    want = 0.3 * sum(salora.orthogonality(m) for m in layers) / len(layers) + 2.0 * (kept / total - 0.4) ** 2
+    torch.testing.assert_close(salora.extra_loss(model), want)
+
+
+# --- dynamics ------------------------------------------------------------------------------------------
+
+def test_density_moves_toward_target_and_ranks_close():
+    cfg = salora.Config(rmax=4, dropout=0.0, target_density=0.5, lagrangian_lr=1.0, gate_lr=0.2, t_start=0,
+                        t_end=40, targets=("q", "v", "o"))
+    model = tiny_llama(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16)
+    history = train(salora.apply(model, cfg), 40)
+    start, end = history[0]["density"], history[-1]["density"]
+    assert start > 0.95 and abs(end - 0.5) < 0.1 < abs(start - 0.5)
+    assert history[-1]["lam"] > 0
+    assert sum(salora.ranks(model).values()) < 4 * len(salora.layers(model))
+
+
+def test_gates_and_lambda_frozen_outside_window():
+    # droprate 0.5: log α ≈ 0, so few sampled gates sit clamped at 0 or 1 (where their gradient is 0)
+    cfg = salora.Config(rmax=4, dropout=0.0, gate_lr=0.1, t_start=2, t_end=4, droprate_init=0.5)
+    model = tiny_llama(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16)
+    salora.apply(model, cfg)
+    gates = [m.lora_logalpha for m in salora.layers(model).values()]
+    snapshots = [[g.detach().clone() for g in gates]]
+    lams = [0.0]
+
+    def snapshot(figures):
+        snapshots.append([g.detach().clone() for g in gates])
+        lams.append(figures["lam"])
+
+    torch.manual_seed(0)
+    train(model, 6, on_step=snapshot)
+    moved = [not all(torch.equal(a, b) for a, b in zip(s0, s1)) for s0, s1 in zip(snapshots, snapshots[1:])]
+    assert moved == [False, False, True, True, False, False]
+    assert [b > a for a, b in zip(lams, lams[1:])] == moved
+
+
+def test_default_window_from_total_steps():
+    assert salora.window(salora.Config(), 1000) == (100, 700)
+    assert salora.window(salora.Config(t_start=5, t_end=50), 1000) == (5, 50)
+
+
+# --- the contract -----------------------------------------------------------------------------------
+
+def test_zero_delta_at_init(tiny_model):
+    x, _ = batch()
+    with torch.no_grad():
+        base = tiny_model(x)
+        salora.apply(tiny_model, salora.Config(targets=("q", "k", "v", "o")))
+        assert torch.equal(tiny_model(x), base)
+        tiny_model.train()
+        assert torch.equal(tiny_model(x), base)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31), rmax=st.integers(1, 8))
+def test_merge_equals_unmerged_and_unmerge_restores(make, seed, rmax):
+    model = perturb(salora.apply(make(), salora.Config(rmax=rmax, targets=("q", "v", "o"))), seed).eval()
+    x, _ = batch(seed)
+    with torch.no_grad():
+        want = model(x)
+        w0 = {n: m.weight.detach().clone() for n, m in salora.layers(model).items()}
+        for m in salora.layers(model).values():
+            m.merge()
+            m.merge()  # idempotent
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        for n, m in salora.layers(model).items():
+            m.unmerge()
+            m.unmerge()
+            assert torch.equal(m.weight, w0[n])
+        assert torch.equal(model(x), want)
+        salora.merge(model)
+        assert not salora.layers(model)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 8), st.floats(0, 1), st.integers(0, 2**31))
+def test_to_lora_reproduces_eval_forward(d_in, d_out, rmax, closed, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, d_out).double())
+    salora.apply(model, salora.Config(rmax=rmax, targets=("0",)))
+    perturb(model.double(), seed, closed).eval()
+    x = torch.randn(5, d_in, dtype=torch.float64)
+    (name, (a, b)), = salora.to_lora(model).items()
+    assert a.shape == (salora.ranks(model)[name], d_in) and b.shape == (d_out, a.shape[0])
+    lin = model[0]
+    with torch.no_grad():
+        torch.testing.assert_close(x @ (lin.weight + b @ a).T + lin.bias, model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_ranks_count_open_eval_gates():
+    model = salora.apply(tiny_llama(), salora.Config(rmax=4))
+    first, m = next(iter(salora.layers(model).items()))
+    with torch.no_grad():
+        m.lora_logalpha.copy_(torch.tensor([5.0, -5.0, 0.0, -2.3]))  # eval gates 1, 0, 0.5, > 0
+    assert salora.ranks(model)[first] == 3
+    assert all(r == 4 for n, r in salora.ranks(model).items() if n != first)
+
+
+def test_only_adapter_trains_and_base_stays_bit_identical(tiny_model):
+    base = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    train(salora.apply(tiny_model, salora.Config(t_start=0)), 3)
+    for n, p in tiny_model.named_parameters():
+        assert p.requires_grad == ("lora_" in n)
+        if n in base:
+            assert torch.equal(p, base[n])
+    assert all(m.lora_B.abs().sum() > 0 for m in salora.layers(tiny_model).values())  # it did train
+
+
+def test_param_groups_give_gates_own_lr_and_no_decay():
+    model = salora.apply(tiny_llama(), salora.Config(gate_lr=0.05))
+    factors, gates = salora.param_groups(model, 1e-3, 0.1)
+    assert factors["lr"] == 1e-3 and factors["weight_decay"] == 0.1
+    assert gates["lr"] == 0.05 and gates["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("lora_logalpha") for p in gates["params"])
+    assert len(factors["params"]) + len(gates["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_save_load_gives_identical_logits(tiny_model, tmp_path):
+    cfg = salora.Config(rmax=4, targets=("q", "v", "o"))
+    model = perturb(salora.apply(tiny_model, cfg), 1).eval()
+    methods.save_adapter(model, tmp_path, "salora", cfg, model_config=dataclasses.asdict(model.cfg))
+    fresh = tiny_llama() if type(model).__name__ == "Llama" else tiny_gpt()
+    methods.load_adapter(fresh, tmp_path).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert "lora_lam" in dict(model.named_buffers()) and "lora_lam" not in model.state_dict()
+
+
+@pytest.mark.parametrize("bad", [dict(rmax=0), dict(target_density=0.0), dict(target_density=1.5),
+                                 dict(beta=-1.0), dict(temperature=0.0), dict(t_start=-1),
+                                 dict(t_start=10, t_end=10), dict(t_end=0), dict(lagrangian_lr=-0.1),
+                                 dict(gate_lr=0.0), dict(droprate_init=0.0), dict(droprate_init=1.0),
+                                 dict(dropout=1.0)])
+def test_bad_config_raises(bad):
+    with pytest.raises(ValueError):
+        salora.Config(**bad)
+
+
+def test_droprate_init_sets_log_alpha():
+    model = salora.apply(tiny_llama(), salora.Config(droprate_init=0.3))
+    la = torch.cat([m.lora_logalpha for m in salora.layers(model).values()])
+    assert abs(la.mean().item() - math.log(0.7 / 0.3)) < 0.01 and la.std().item() < 0.03

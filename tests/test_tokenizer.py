@@ -1,0 +1,256 @@
+"""Tokenizers: byte-level BPE from a GGUF-style vocabulary and from HF files, and the default
+model's (SmolLM2) tokenizer: round trips, digit splitting, special tokens, chat prompts."""
+import json
+
+import gguf
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import checkpoints as ck
+import models
+from conftest import tiny_llama
+from models import tokenizer as tok
+
+BYTE_DEC = {c: b for b, c in ck.BYTE_ENC.items()}
+DIGITS = "0123456789"
+
+# text that stresses byte-level BPE: any unicode (no lone surrogates), with whitespace runs,
+# newlines, digits, apostrophes and the strings of special tokens mixed in
+SPECIAL_STRINGS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|", "<|"]
+texts = st.lists(st.one_of(st.text(max_size=30),
+                           st.sampled_from(SPECIAL_STRINGS + [" ", "  ", "\n", "\n\n", "\t", "'s", "'ll", "12345",
+                                                              " 2024", "naïve", "日本語", "🙂👍🏽", "\r\n"])),
+                 max_size=8).map("".join)
+
+
+def gguf_fields(pre="gpt2", template=None):
+    tokens, types, merges = ck.byte_vocab()
+    f = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+         "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    if template:
+        f["tokenizer.chat_template"] = template
+    return f
+
+
+@pytest.fixture(scope="module")
+def gguf_file_tokenizer(tmp_path_factory):
+    """The same vocabulary, written into a real GGUF file and read back through models.load."""
+    path = tmp_path_factory.mktemp("tok") / "tiny.gguf"
+    ck.write_gguf(path, tiny_llama(vocab_size=ck.VOCAB_SIZE, hidden_dim=64))
+    return models.load(path)[1]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "smollm"])
+def small_tokenizer(request):
+    return tok.from_gguf(gguf_fields(request.param))
+
+
+# ============================================================================ the small vocabulary
+
+def test_small_vocab_ids_are_gguf_positions(gguf_file_tokenizer):
+    tokens, types, _ = ck.byte_vocab()
+    t = gguf_file_tokenizer
+    assert t.enc.n_vocab == len(tokens)
+    for i, (s, ty) in enumerate(zip(tokens, types)):
+        if ty == 3:
+            assert t.special(s) == i
+        else:  # id == rank, and the printable form maps back through GPT-2's byte table
+            assert t.enc.decode_single_token_bytes(i) == bytes(BYTE_DEC[c] for c in s), (i, s)
+    assert t.stop == [tokens.index("<|endoftext|>")]
+
+
+def test_small_vocab_applies_merges(small_tokenizer):
+    tokens = ck.byte_vocab()[0]
+    t = small_tokenizer
+    assert t.encode(" the") == [tokens.index("Ġthe")]
+    assert t.encode(" whe") == [tokens.index("Ġwhe")]
+    assert t.encode("he") == [tokens.index("he")]
+    assert t.encode("in on") == [tokens.index("in"), tokens.index("Ġ"), tokens.index("on")]  # no "Ġo" merge
+    assert t.encode("\u00e9") == [tokens.index(ck.BYTE_ENC[0xC3]), tokens.index(ck.BYTE_ENC[0xA9])]
+
+
+def test_small_vocab_pre_tokenizer(small_tokenizer):
+    """gpt2 keeps digit runs together (the '12' merge applies); smollm splits every digit."""
+    tokens = ck.byte_vocab()[0]
+    ids = small_tokenizer.encode("123")
+    if small_tokenizer.enc.name.endswith("smollm"):
+        assert ids == [tokens.index(d) for d in "123"]
+    else:
+        assert ids == [tokens.index("12"), tokens.index("3")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=texts)
+def test_small_vocab_round_trip(small_tokenizer, s):
+    ids = small_tokenizer.encode(s)
+    assert small_tokenizer.decode(ids) == s
+    assert not set(ids) & {small_tokenizer.special(x) for x in ck.SPECIALS}
+
+
+@settings(max_examples=40, deadline=None)
+@given(s=texts)
+def test_gguf_file_tokenizer_round_trip(gguf_file_tokenizer, s):
+    ids = gguf_file_tokenizer.encode(s)
+    assert gguf_file_tokenizer.decode(ids) == s
+    assert all(0 <= i < ck.VOCAB_SIZE - len(ck.SPECIALS) for i in ids)
+
+
+def test_gguf_unknown_tokenizer_kinds_are_refused():
+    with pytest.raises(ValueError, match="llama"):
+        tok.from_gguf({**gguf_fields(), "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="no-such-pre"):
+        tok.from_gguf(gguf_fields("no-such-pre"))
+
+
+def test_chatml_vocab_builds_chat_prompt():
+    tokens, types, merges = ck.byte_vocab()
+    f = gguf_fields(template="{% if x %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}")
+    f["tokenizer.ggml.tokens"] = tokens + ["<|im_start|>", "<|im_end|>"]
+    f["tokenizer.ggml.token_type"] = types + [3, 3]
+    t = tok.from_gguf(f)
+    start, end = t.special("<|im_start|>"), t.special("<|im_end|>")
+    assert (t.chat, t.system, t.stop) == ("chatml", "Be brief.", [end])
+    ids = t.prompt("Hi <|im_end|> there")
+    assert t.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi <|im_end|> there"
+                             "<|im_end|>\n<|im_start|>assistant\n")
+    assert ids.count(start) == 3 and ids.count(end) == 2  # the user's "<|im_end|>" stays plain text
+
+
+# ============================================================================ Hugging Face files
+
+def write_hf_tokenizer(path, kind):
+    tokens = [t for t in ck.byte_vocab()[0] if t != "<|pad|>"]
+    if kind == "vocab.json":
+        (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(ck.MERGES) + "\n", encoding="utf-8")
+    else:  # tokenizer.json as SmolLM ships it: Digits(individual) then ByteLevel
+        eot = tokens.index("<|endoftext|>")
+        tj = {"version": "1.0",
+              "added_tokens": [{"id": eot, "content": "<|endoftext|>", "special": True}],
+              "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                  {"type": "Digits", "individual_digits": True},
+                  {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+              "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens) if i != eot},
+                        "merges": ck.MERGES}}
+        (path / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["vocab.json", "tokenizer.json"])
+def test_hf_dir_tokenizer_loads_with_the_model(tmp_path, kind):
+    raw = ck.gpt2_hf_tensors(0, vocab_size=ck.VOCAB_SIZE - 1)
+    ck.write_safetensors_dir(tmp_path, ck.gpt2_hf_config(ck.VOCAB_SIZE - 1, 32, 2, 4, 64), raw)
+    tokens = write_hf_tokenizer(tmp_path, kind)
+    _, t = models.load(tmp_path)  # no warning: tokenizer files are there
+    assert t is not None and t.stop == [tokens.index("<|endoftext|>")]
+    assert t.encode(" the") == [tokens.index("Ġthe")]
+    digits = t.encode("123")
+    assert digits == ([tokens.index(d) for d in "123"] if kind == "tokenizer.json"
+                      else [tokens.index("12"), tokens.index("3")])
+    s = "Où est le café? 12 + 345 = 357\n\n<|endoftext|> 🙂"
+    assert t.decode(t.encode(s)) == s
+
+
+# ============================================================================ the default model's
+
+@pytest.fixture(scope="module")
+def smol():
+    return ck.default_model()[1]
+
+
+@pytest.fixture(scope="module")
+def smol_vocab():
+    """The default GGUF's tokens, token types and merges, read with gguf itself."""
+    reader = gguf.GGUFReader(str(models.resolve()))
+    return tuple(reader.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "token_type", "merges"))
+
+
+def missing_bytes(tokens):
+    """Bytes with no single-byte token (SmolLM2 lacks 21, e.g. 0x04 and the 0xF1/0xF2 lead bytes)."""
+    have = set(tokens)
+    return {b for b, c in ck.BYTE_ENC.items() if c not in have}
+
+
+def representable(s, missing):
+    return "".join(c for c in s if not set(c.encode()) & missing)
+
+
+def test_default_ids_match_the_gguf_vocabulary(smol, smol_vocab):
+    """id == position in the GGUF token list, for every token; specials are the control tokens."""
+    tokens, types, _ = smol_vocab
+    assert smol.enc.n_vocab == len(tokens) == 49152
+    specials = {s for s, ty in zip(tokens, types) if ty == 3}
+    assert specials == set(smol.enc.special_tokens_set)
+    assert {"<|endoftext|>", "<|im_start|>", "<|im_end|>"} <= specials
+    for i, (s, ty) in enumerate(zip(tokens, types)):
+        if ty == 3:
+            assert smol.special(s) == i
+        else:
+            assert smol.enc.decode_single_token_bytes(i) == bytes(BYTE_DEC[c] for c in s), (i, s)
+
+
+def test_default_merge_order_is_id_order(smol_vocab):
+    """tiktoken merges by rank = id; that equals HF's merge priority only if ids follow merges."""
+    tokens, _, merges = smol_vocab
+    index = {t: i for i, t in enumerate(tokens)}
+    merged = [index[a + b] for a, b in (m.split(" ") for m in merges)]
+    assert all(x < y for x, y in zip(merged, merged[1:]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=texts)
+def test_default_round_trip(smol, smol_vocab, s):
+    s = representable(s, missing_bytes(smol_vocab[0]))  # text the vocabulary can spell
+    ids = smol.encode(s)
+    assert smol.decode(ids) == s
+    assert not set(ids) & {smol.special(x) for x in smol.enc.special_tokens_set}
+
+
+@pytest.mark.parametrize("s", ["a\x04b", "x\U00086e10y", "ok \x1d"])
+def test_default_unspellable_bytes_do_not_panic(smol, smol_vocab, s):
+    """Text with a byte the vocabulary has no token for (SmolLM2 has none for 0x04, 0x1D, 0xF2...)
+    must not crash with tiktoken's Rust panic (a BaseException, which `except Exception` misses):
+    either a clear Exception, or the unspellable characters are dropped (as HF tokenizers does)."""
+    missing = missing_bytes(smol_vocab[0])
+    assert set(s.encode()) & missing  # the case is real
+    try:
+        ids = smol.encode(s)
+    except Exception:
+        return
+    assert smol.decode(ids) == representable(s, missing)
+
+
+def test_default_known_tokenisation(smol):
+    assert smol.special("<|endoftext|>") == 0
+    assert (smol.special("<|im_start|>"), smol.special("<|im_end|>")) == (1, 2)
+    assert [smol.decode([i]) for i in smol.encode("Hello world, it's 2024!")] == \
+        ["Hello", " world", ",", " it", "'s", " ", "2", "0", "2", "4", "!"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=st.text(alphabet=DIGITS + "ab .,-\n", max_size=40))
+def test_default_splits_every_digit(smol, s):
+    pieces = [smol.enc.decode_single_token_bytes(i) for i in smol.encode(s)]
+    for p in pieces:
+        if any(chr(c) in DIGITS for c in p):
+            assert len(p) == 1, pieces
+    assert b"".join(pieces).decode() == s
+    assert sum(len(p) == 1 and chr(p[0]) in DIGITS for p in pieces) == sum(c in DIGITS for c in s)
+
+
+def test_default_special_strings_stay_text(smol):
+    s = "<|im_start|>user\nhi<|im_end|><|endoftext|>"
+    ids = smol.encode(s)
+    assert not set(ids) & {0, 1, 2} and len(ids) > 3
+    assert smol.decode(ids) == s
+
+
+def test_default_chat_prompt(smol):
+    ids = smol.prompt("What is the capital of France?")
+    assert smol.chat == "chatml" and smol.stop == [2]
+    assert smol.system and "SmolLM" in smol.system  # the template's default system message
+    text = smol.decode(ids)
+    assert text == (f"<|im_start|>system\n{smol.system}<|im_end|>\n<|im_start|>user\nWhat is the capital of "
+                    "France?<|im_end|>\n<|im_start|>assistant\n")
+    assert ids.count(1) == 3 and ids.count(2) == 2 and ids[-1] != 2
