@@ -35,13 +35,13 @@ def add_config_flags(parser, config_cls):
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help="(default: %(default)s)")
         elif typing.get_origin(hint) is tuple:
             parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x),
-                                default=f.default, metavar="A,B,...")
+                                default=f.default, metavar="A,B,...", help=f"(default: {','.join(f.default)})")
         else:
             kind = args[0] if args else hint  # `int | None` -> int
-            parser.add_argument(flag, type=kind, default=f.default)
+            parser.add_argument(flag, type=kind, default=f.default, help="(default: %(default)s)")
 
 
 def parse_args(argv):
