@@ -201,12 +201,14 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
 
         loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
-        if figures or step % args.log_every == 0 or step == args.steps:  # method events always logged
+        progress = step % args.log_every == 0 or step == args.steps
+        if figures or progress:  # a method's figures (e.g. an ALoRA round) are never dropped
             elapsed = time.time() - t_start
             lr = opt.param_groups[0]["lr"]
             rec = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / elapsed, **figures}
             log.write(json.dumps(rec) + "\n")
             log.flush()
+        if progress:
             eta = elapsed / (step - start) * (args.steps - step)
             print(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {tokens / elapsed:.0f} tok/s"
                   f" | ETA {fmt_time(eta)}" + (f" | {scalars(figures)}" if scalars(figures) else ""), flush=True)

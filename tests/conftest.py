@@ -1,9 +1,16 @@
 """Shared fixtures: tiny random models built in code (no downloads)."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time (a red run can be reproduced); locally they vary.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)  # tiny models: a second thread costs more in overhead than it gains

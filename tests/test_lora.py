@@ -44,7 +44,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(family, r, alpha, tg, seed):
     for m in layers.values():
         m.merge()
         m.merge()  # idempotent
-    assert torch.allclose(model(X), y, atol=1e-5 * y.abs().max().item())
+    assert torch.allclose(model(X), y, atol=1e-4 * y.abs().max().item())  # fp32 rounding of W0 + ΔW
     for n, m in layers.items():
         assert torch.allclose(m.weight, w0[n] + m.delta_weight(), atol=1e-6)
         m.unmerge()
@@ -54,7 +54,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(family, r, alpha, tg, seed):
     lora.merge(model)
     assert not lora.layers(model)
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n in layers)
-    assert torch.allclose(model(X), y, atol=1e-5 * y.abs().max().item())
+    assert torch.allclose(model(X), y, atol=1e-4 * y.abs().max().item())  # fp32 rounding of W0 + ΔW
 
 
 @settings(max_examples=15, deadline=None)
