@@ -177,6 +177,11 @@ def load_split(source, split):
 
 # ----------------------------------------------------------------------------- tokens
 
+def need_tokenizer(tok):
+    if tok is None:
+        raise DataError("this model has no tokenizer: put tokenizer.json next to its weights")
+
+
 def encode(tok, ex, seq_len):
     """(ids, targets): the chat prompt then the response; targets are -100 except on the response
     tokens and the closing stop token, which the model must learn to emit."""

@@ -9,7 +9,6 @@ so they run at the base model's speed.
 """
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -46,17 +45,14 @@ def parse_args(argv):
 
 
 def accuracy(model, tok, examples, batch_size, max_new_tokens):
-    """Share of examples whose generated answer matches; returns (accuracy, completions)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].question))  # less padding
-    completions = [None] * len(examples)
+    """Share of examples whose generated answer matches the gold one."""
+    order = sorted(examples, key=lambda ex: len(ex.question))  # similar lengths batch with less padding
+    correct = 0
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        prompts = [tok.prompt(examples[i].question) for i in chunk]
-        outs = model.generate(prompts, max_new_tokens, stop_tokens=tok.stop)
-        for i, out in zip(chunk, outs):
-            completions[i] = tok.decode(out)
-    correct = sum(data.is_correct(c, ex.answer) for c, ex in zip(completions, examples))
-    return correct / len(examples), completions
+        outs = model.generate([tok.prompt(ex.question) for ex in chunk], max_new_tokens, stop_tokens=tok.stop)
+        correct += sum(data.is_correct(tok.decode(out), ex.answer) for ex, out in zip(chunk, outs))
+    return correct / len(examples)
 
 
 @torch.no_grad()
@@ -79,19 +75,18 @@ def with_adapter(base, adapter_dir):
     model = copy.deepcopy(base)
     methods.load_adapter(model, adapter_dir)
     trainable = sum(t.numel() for k, t in model.named_parameters() if "lora_" in k)
-    method = methods.get(methods.read_config(adapter_dir)["method"])
+    name = methods.read_config(adapter_dir)["method"]
     try:
-        method.merge(model)
+        methods.get(name).merge(model)
     except ValueError:  # input-dependent adapters (Mo-SARA with several heads) stay unmerged
         pass
-    return model.eval(), trainable
+    return model.eval(), trainable, name
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     base, tok = models.load(args.model)
-    if tok is None:
-        raise data.DataError("this model has no tokenizer: put tokenizer.json next to its weights")
+    data.need_tokenizer(tok)
     base_params = sum(p.numel() for p in base.parameters())
     if args.text:
         try:
@@ -104,21 +99,20 @@ def main(argv=None):
     candidates = ([] if args.no_base else [("base", None)]) + [(Path(d).name, d) for d in args.adapter]
     rows = []
     for name, adapter_dir in candidates:
-        model, trainable = (base, 0) if adapter_dir is None else with_adapter(base, adapter_dir)
-        method = "base" if adapter_dir is None else methods.read_config(adapter_dir)["method"]
+        model, trainable, method = (base, 0, "base") if adapter_dir is None else with_adapter(base, adapter_dir)
         t = time.time()
         row = {"name": name, "method": method, "trainable_params": trainable,
                "share": 100 * trainable / base_params}
         if args.text:
             row["perplexity"] = perplexity(model, tok, text, args.seq_len)
         else:
-            row["accuracy"], _ = accuracy(model, tok, examples, args.batch_size, args.max_new_tokens)
+            row["accuracy"] = accuracy(model, tok, examples, args.batch_size, args.max_new_tokens)
             row["n"] = len(examples)
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
         print_row(row, first=len(rows) == 1)
     if args.json:
-        methods.atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(rows, indent=2) + "\n"))
+        methods.write_json(args.json, rows)
     return rows
 
 

@@ -97,8 +97,7 @@ def lr_lambda(args):
 
 
 def load_data(args, tok):
-    if tok is None:
-        raise data.DataError("this model has no tokenizer: put tokenizer.json next to its weights")
+    data.need_tokenizer(tok)
     train = data.load_split(args.data, "train")
     if args.data is None:
         val = data.arithmetic("val", args.val_size)
@@ -121,8 +120,9 @@ def val_closure(model, val_batch):
 
 
 def save_checkpoint(path, model, opt, sched, step):
-    state = {"adapter": methods.adapter_state(model),
-             "method_buffers": {k: v.clone() for k, v in model.named_buffers() if "lora_" in k},
+    adapter = methods.adapter_state(model)
+    state = {"adapter": adapter,  # non-persistent lora_* buffers (training state) are not in it:
+             "method_buffers": {k: v.clone() for k, v in model.named_buffers() if "lora_" in k and k not in adapter},
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
              "rng": torch.get_rng_state()}
     methods.atomic_write(path, lambda p: torch.save(state, p))
@@ -210,8 +210,9 @@ def main(argv=None):
             log.flush()
         if progress:
             eta = elapsed / (step - start) * (args.steps - step)
+            extra = scalars(figures)
             print(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {tokens / elapsed:.0f} tok/s"
-                  f" | ETA {fmt_time(eta)}" + (f" | {scalars(figures)}" if scalars(figures) else ""), flush=True)
+                  f" | ETA {fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             methods.save_adapter(model, args.out, args.method, cfg, **info)
             save_checkpoint(ckpt, model, opt, sched, step)
@@ -223,7 +224,7 @@ def main(argv=None):
     summary = {"method": args.method, "trainable_params": n_trainable, "base_params": base_params,
                "steps": args.steps, "seconds": round(time.time() - t_start, 1), "final_loss": loss_avg,
                "val_loss": val_loss(), "ranks": ranks, "total_rank": sum(ranks.values())}
-    methods.atomic_write(args.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    methods.write_json(args.out / "summary.json", summary)
     if ckpt.exists():
         os.remove(ckpt)  # the run is complete: the adapter is what remains
     print(f"done in {fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "

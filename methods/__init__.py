@@ -58,6 +58,10 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
 def save_adapter(model, out_dir, method_name, cfg, **info):
     """adapter.safetensors + config.json (method, its Config, and what `info` adds)."""
     from safetensors.torch import save_file
@@ -65,7 +69,7 @@ def save_adapter(model, out_dir, method_name, cfg, **info):
     out = Path(out_dir)
     meta = {"method": method_name, "config": dataclasses.asdict(cfg), **info}
     atomic_write(out / "adapter.safetensors", lambda p: save_file(adapter_state(model), p))
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(out / "config.json", meta)
 
 
 def read_config(adapter_dir):

@@ -37,7 +37,7 @@ class Tokenizer:
         if self.missing:
             raw = text.encode("utf-8")
             if raw.translate(None, self.missing) != raw:
-                text = "".join(c for c in text if c.encode("utf-8").translate(None, self.missing) == c.encode("utf-8"))
+                text = "".join(c for c in text if not set(c.encode("utf-8")).intersection(self.missing))
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
