@@ -7,6 +7,10 @@ Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` 
 `--method NAME` lists them. Writes into --out (default out/METHOD): adapter.safetensors,
 config.json, log.jsonl (one line per logged step), summary.json; with --save-every N also
 checkpoint.pt, from which --resume continues.
+
+Data parallel: `torchrun --nproc_per_node N train.py ...` (gloo on CPU, NCCL on GPUs). --batch-size
+stays the global batch; each process takes its share of every micro-batch, the adapter's gradients
+(and nothing else) are summed across processes, and process 0 alone writes files and progress.
 """
 import argparse
 import dataclasses
@@ -19,6 +23,7 @@ import typing
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import data
 import methods
@@ -69,6 +74,7 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group = p.add_argument_group(f"{known.method} method flags")
     add_config_flags(group, method.Config)
     args = p.parse_args(argv)
@@ -119,25 +125,107 @@ def val_closure(model, val_batch):
     return val_loss
 
 
-def save_checkpoint(path, model, opt, sched, step):
+def method_state(model, base_buffers):
+    """Buffers the method added that are not in the adapter file: gates, EMAs, λ ... (its training state)."""
     adapter = methods.adapter_state(model)
-    state = {"adapter": adapter,  # non-persistent lora_* buffers (training state) are not in it:
-             "method_buffers": {k: v.clone() for k, v in model.named_buffers() if "lora_" in k and k not in adapter},
+    return {k: v.detach().cpu().clone() for k, v in model.named_buffers()
+            if k not in base_buffers and k not in adapter}
+
+
+def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args):
+    state = {"adapter": methods.adapter_state(model), "method_state": method_state(model, base_buffers),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), "train_args": run_args}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     methods.atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path, model, opt, sched):
-    state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
+def load_checkpoint(path, model, opt, sched, run_args):
+    """Restore everything save_checkpoint wrote; returns the step it was taken after."""
+    try:
+        state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
+        saved_args = state["train_args"]
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}): delete it to start over") from None
+    changed = sorted(k for k in run_args.keys() | saved_args.keys() if run_args.get(k) != saved_args.get(k))
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): "
+                         "resume with the same flags or choose another --out")
+    methods.resize_to(model, state["adapter"])  # ALoRA's ranks may have moved between modules
     model.load_state_dict(state["adapter"], strict=False)
-    for k, v in state["method_buffers"].items():
+    for k, v in state["method_state"].items():
         mod, _, attr = k.rpartition(".")
         getattr(model.get_submodule(mod), attr).copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     return state["step"]
+
+
+def trim_log(path, step):
+    """Drop log records after `step`: a killed run may have logged steps the checkpoint does not hold."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        methods.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
+
+
+def resume_args(args):
+    """The flags a resumed run must share with the run it continues."""
+    skip = {"resume", "out", "log_every", "save_every", "device"}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+def init_distributed(device):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device(device)
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def all_sum(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def reduce_grads(params, world):
+    """Sum the adapter's gradients across processes in one flat buffer (the base has none)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, r in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(r.view_as(g))
+
+
+def step_batches(train_set, args, step, rank, world, device):
+    """This process's micro-batches of optimizer step `step`: each global micro-batch is cut into
+    `world` row blocks, so N processes see exactly the examples one process would."""
+    micro = args.batch_size // args.grad_accum
+    out = []
+    for k in range(args.grad_accum):
+        x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
+        x, y = x[rank::world], y[rank::world]
+        width = int((y != -100).nonzero()[:, 1].max()) + 1  # this share's padding-only columns go
+        out.append((x[:, :width].to(device), y[:, :width].to(device)))
+    return out
 
 
 def fmt_time(s):
@@ -153,82 +241,111 @@ def scalars(figures):
 
 def main(argv=None):
     args, method, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = init_distributed(args.device)
+    if (args.batch_size // args.grad_accum) % world:
+        raise ValueError(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} examples per "
+                         f"micro-batch do not split evenly over {world} processes")
+    say = print if rank == 0 else (lambda *a, **k: None)  # process 0 speaks for all
+    ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
+    if ckpt.exists() and not args.resume:
+        raise ValueError(f"{ckpt} holds an unfinished run: add --resume to continue it, or choose another --out")
+    if args.resume and not ckpt.exists() and (args.out / "summary.json").exists():
+        say(f"{args.out} holds a finished run: nothing to resume")
+        return json.loads((args.out / "summary.json").read_text())
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = models.load(args.model)
+    if args.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     base_params = sum(p.numel() for p in model.parameters())
+    base_buffers = {k for k, _ in model.named_buffers()}
     train_set, val_batch = load_data(args, tok)
+    model.to(device)
+    val_batch = tuple(t.to(device) for t in val_batch)
     torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
     method.apply(model, cfg)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    print(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / base_params:.3f}% of "
-          f"{base_params:,}); {len(train_set)} training examples; loaded in {time.time() - t0:.1f}s")
-    print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    say(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / base_params:.3f}% of "
+        f"{base_params:,}); {len(train_set)} training examples; {world} process(es) on {device}; "
+        f"loaded in {time.time() - t0:.1f}s")
+    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
 
     opt = torch.optim.AdamW(method.param_groups(model, args.lr, args.weight_decay), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     val_loss = val_closure(model, val_batch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.out / "checkpoint.pt"
-    start = load_checkpoint(ckpt, model, opt, sched) if args.resume and ckpt.exists() else 0
+    start = load_checkpoint(ckpt, model, opt, sched, run_args) if args.resume and ckpt.exists() else 0
     if args.resume and not start:
-        print(f"no checkpoint in {args.out}: starting from step 0")
+        say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
             "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    log = open(args.out / "log.jsonl", "a" if start else "w")
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if start:
+            trim_log(args.out / "log.jsonl", start)
+        log = open(args.out / "log.jsonl", "a" if start else "w")
 
-    micro = args.batch_size // args.grad_accum
     t_start, tokens, loss_avg = time.time(), 0, None
     for step in range(start + 1, args.steps + 1):
-        step_loss = 0.0
-        for k in range(args.grad_accum):
-            x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
-            loss = model.loss(x, y) + method.extra_loss(model)
-            (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-            tokens += x.numel()
+        batches = step_batches(train_set, args, step, rank, world, device)
+        # every target token of the global batch weighs the same, however the batch is split
+        n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
+        step_loss = torch.zeros((), device=device)
+        for x, y in batches:
+            share = (y != -100).sum() / n_targets
+            loss = model.loss(x, y) * share + method.extra_loss(model) / (args.grad_accum * world)
+            loss.backward()
+            step_loss += loss.detach()
+            tokens += x.numel() * world
+        step_loss = all_sum(step_loss, world).item()
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
                                      "(the last checkpoint, if any, is kept)")
+        reduce_grads(trainable, world)
         method.after_backward(model, step, args.steps)
         if args.clip:
             torch.nn.utils.clip_grad_norm_(trainable, args.clip)
         opt.step()
         sched.step()
+        if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
+            raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
+                                     "(the last checkpoint, if any, is kept)")
         figures = method.after_step(model, opt, step, args.steps, val_loss=val_loss)
         opt.zero_grad(set_to_none=True)
 
         loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
         progress = step % args.log_every == 0 or step == args.steps
-        if figures or progress:  # a method's figures (e.g. an ALoRA round) are never dropped
-            elapsed = time.time() - t_start
-            lr = opt.param_groups[0]["lr"]
-            rec = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / elapsed, **figures}
+        elapsed = time.time() - t_start
+        if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
+            rec = {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"],
+                   "tokens_per_s": tokens / elapsed, **figures}
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if progress:
             eta = elapsed / (step - start) * (args.steps - step)
             extra = scalars(figures)
-            print(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {tokens / elapsed:.0f} tok/s"
-                  f" | ETA {fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                f"{tokens / elapsed:.0f} tok/s | ETA {fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
+        if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
             methods.save_adapter(model, args.out, args.method, cfg, **info)
-            save_checkpoint(ckpt, model, opt, sched, step)
-    log.close()
+            save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args)
 
     model.eval()
-    methods.save_adapter(model, args.out, args.method, cfg, **info)
     ranks = method.ranks(model)
     summary = {"method": args.method, "trainable_params": n_trainable, "base_params": base_params,
-               "steps": args.steps, "seconds": round(time.time() - t_start, 1), "final_loss": loss_avg,
-               "val_loss": val_loss(), "ranks": ranks, "total_rank": sum(ranks.values())}
-    methods.write_json(args.out / "summary.json", summary)
-    if ckpt.exists():
-        os.remove(ckpt)  # the run is complete: the adapter is what remains
-    print(f"done in {fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
-          f"{summary['total_rank']}; wrote {args.out}/adapter.safetensors")
+               "steps": args.steps, "processes": world, "seconds": round(time.time() - t_start, 1),
+               "final_loss": loss_avg, "val_loss": val_loss(), "ranks": ranks, "total_rank": sum(ranks.values())}
+    if rank == 0:
+        log.close()
+        methods.save_adapter(model, args.out, args.method, cfg, **info)
+        methods.write_json(args.out / "summary.json", summary)
+        if ckpt.exists():
+            os.remove(ckpt)  # the run is complete: the adapter is what remains
+    say(f"done in {fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
+        f"{summary['total_rank']}; wrote {args.out}/adapter.safetensors")
+    if world > 1:
+        dist.destroy_process_group()
     return summary
 
 

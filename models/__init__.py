@@ -2,6 +2,8 @@
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 from .tokenizer import Tokenizer
@@ -31,6 +33,24 @@ def resolve(source=None):
     return str(default_path() if source in (None, "", "default") else Path(source))
 
 
+def build(cfg, sd, path):
+    """The model for `cfg` holding the tensors `sd`. Shapes are checked on the meta device first, so
+    a config that disagrees with its weights (or asks for absurd sizes) allocates nothing."""
+    kind = GPT if isinstance(cfg, GPTConfig) else Llama
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in kind(cfg).state_dict().items()}
+    if getattr(cfg, "tie_embeddings", True):  # GPT-2 always ties
+        want.pop("lm_head.weight", None)
+    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
+    wrong = [k for k in want.keys() & sd.keys() if tuple(sd[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        raise LoadError(f"{path}: tensors do not match the model's config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
+    model = kind(cfg)
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
 def load(source=None):
     """Build the model from `source` (None = the default model) and return (model, tokenizer)."""
     path = Path(resolve(source))
@@ -46,16 +66,11 @@ def load(source=None):
             cfg, sd, tokenizer = read_gguf(path)
         else:
             raise LoadError(f"{path}: expected a .gguf file or a checkpoint directory")
+        model = build(cfg, sd, path)
     except LoadError:
         raise
     except Exception as e:  # corrupt or foreign files: one sentence, not a traceback
         raise LoadError(f"cannot read model {path}: {e}") from e
-    model = (GPT if isinstance(cfg, GPTConfig) else Llama)(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(cfg, "tie_embeddings", True))]
-    if missing or unexpected:
-        raise LoadError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
     model.requires_grad_(False)
     return model.eval(), tokenizer
 

@@ -49,6 +49,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_t
     """
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
+    if L + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {L} tokens plus {max_new_tokens} new ones exceeds the model's "
+                         f"context of {model.cfg.max_seq_len} tokens: shorten it or lower max_new_tokens")
     idx = torch.zeros(B, L, dtype=torch.long, device=device)
     valid = torch.zeros(B, L, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at L-1
