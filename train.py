@@ -228,6 +228,35 @@ def step_batches(train_set, args, step, rank, world, device):
     return out
 
 
+def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, val_loss=None, world=1):
+    """One optimizer step over this process's micro-batches [(x, y), ...], every method hook in order.
+    Returns (the step's loss, the figures after_step reports). bench.py times this very function."""
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    # every target token of the global batch weighs the same, however the batch is split
+    n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
+    step_loss = 0.0
+    for x, y in batches:
+        loss = model.loss(x, y) * ((y != -100).sum() / n_targets) + method.extra_loss(model) / (len(batches) * world)
+        loss.backward()
+        step_loss = step_loss + loss.detach()
+    step_loss = all_sum(step_loss, world).item()
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
+                                 "(the last checkpoint, if any, is kept)")
+    reduce_grads(trainable, world)
+    method.after_backward(model, step, total_steps)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(trainable, clip)
+    opt.step()
+    sched.step()
+    if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
+        raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
+                                 "(the last checkpoint, if any, is kept)")
+    figures = method.after_step(model, opt, step, total_steps, val_loss=val_loss)
+    opt.zero_grad(set_to_none=True)
+    return step_loss, figures
+
+
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -265,8 +294,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
     method.apply(model, cfg)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{args.method}: {n_trainable:,} trainable parameters ({100 * n_trainable / base_params:.3f}% of "
         f"{base_params:,}); {len(train_set)} training examples; {world} process(es) on {device}; "
         f"loaded in {time.time() - t0:.1f}s")
@@ -289,30 +317,8 @@ def main(argv=None):
     t_start, tokens, loss_avg = time.time(), 0, None
     for step in range(start + 1, args.steps + 1):
         batches = step_batches(train_set, args, step, rank, world, device)
-        # every target token of the global batch weighs the same, however the batch is split
-        n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
-        step_loss = torch.zeros((), device=device)
-        for x, y in batches:
-            share = (y != -100).sum() / n_targets
-            loss = model.loss(x, y) * share + method.extra_loss(model) / (args.grad_accum * world)
-            loss.backward()
-            step_loss += loss.detach()
-            tokens += x.numel() * world
-        step_loss = all_sum(step_loss, world).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
-                                     "(the last checkpoint, if any, is kept)")
-        reduce_grads(trainable, world)
-        method.after_backward(model, step, args.steps)
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip)
-        opt.step()
-        sched.step()
-        if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
-            raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
-                                     "(the last checkpoint, if any, is kept)")
-        figures = method.after_step(model, opt, step, args.steps, val_loss=val_loss)
-        opt.zero_grad(set_to_none=True)
+        step_loss, figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip, val_loss, world)
+        tokens += sum(x.numel() for x, _ in batches) * world
 
         loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
         progress = step % args.log_every == 0 or step == args.steps
