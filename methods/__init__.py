@@ -44,6 +44,13 @@ def adapter_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def umask_mode(mode=0o666):
+    """`mode` less the umask: what open() gives a new file (mkstemp, and safetensors, give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path, write):
     """write(tmp_path) then rename: a crash never leaves a half-written file at `path`."""
     path = Path(path)
@@ -52,6 +59,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
