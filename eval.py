@@ -23,7 +23,7 @@ import models
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py")
+    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT LoRA adapters")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file (default: the built-in task)")
     p.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy")

@@ -3,11 +3,14 @@
 Every method module follows one contract (DESIGN.md): Config, apply, param_groups, extra_loss,
 after_backward, after_step, ranks, to_lora, merge. This is the only file that knows them all.
 Adapter tensors carry `lora_` in their names in every method, so one filter saves them all.
+A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) loads as a LoRA.
 """
 import dataclasses
 import importlib
 import json
+import math
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -15,6 +18,10 @@ from pathlib import Path
 import torch
 
 NAMES = ("lora", "sara", "mosara", "sora", "adalora", "alora", "salora")
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
+PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# PEFT LoRA options that change the forward beyond B A x; such adapters are refused
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocation_tokens", "modules_to_save")
 
 
 class AdapterError(Exception):
@@ -44,6 +51,13 @@ def adapter_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def umask_mode(mode=0o666):
+    """`mode` less the umask: what open() gives a new file (mkstemp, and safetensors, give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path, write):
     """write(tmp_path) then rename: a crash never leaves a half-written file at `path`."""
     path = Path(path)
@@ -52,6 +66,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -74,6 +89,8 @@ def save_adapter(model, out_dir, method_name, cfg, **info):
 
 def read_config(adapter_dir):
     path = Path(adapter_dir) / "config.json"
+    if not path.exists() and (Path(adapter_dir) / PEFT_CONFIG).exists():
+        return read_peft_config(adapter_dir)
     try:
         meta = json.loads(path.read_text())
         meta["method"], meta["config"]
@@ -90,6 +107,8 @@ def load_adapter(model, adapter_dir):
     from safetensors.torch import load_file
 
     meta = read_config(adapter_dir)
+    if "peft" in meta:
+        return load_peft(model, adapter_dir, meta["peft"])
     base = meta.get("model_config")
     if base is not None and base != dataclasses.asdict(model.cfg):
         raise AdapterError(f"{adapter_dir} was trained on another model ({meta.get('base_model', '?')})")
@@ -125,3 +144,74 @@ def resize_to(model, saved):
             setattr(mod, attr, torch.nn.Parameter(new, requires_grad=cur.requires_grad))
         else:
             setattr(mod, attr, new)
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA adapters
+
+def read_peft_config(adapter_dir):
+    """A PEFT adapter_config.json as this library's adapter metadata: method lora."""
+    path = Path(adapter_dir) / PEFT_CONFIG
+    try:
+        c = json.loads(path.read_text())
+        kind = c.get("peft_type")
+    except (ValueError, AttributeError) as e:
+        raise AdapterError(f"{path} is not a PEFT adapter config ({e})") from None
+    if kind != "LORA":
+        raise AdapterError(f"{path}: peft_type {kind!r} cannot be loaded (only LORA)")
+    used = [k for k in PEFT_UNSUPPORTED if c.get(k)] + (["bias"] if c.get("bias", "none") != "none" else [])
+    if used:
+        raise AdapterError(f"{path} uses {', '.join(used)}: only plain LoRA adapters can be loaded")
+    return {"method": "lora", "config": {"dropout": c.get("lora_dropout", 0.0)}, "peft": c,
+            "base_model": c.get("base_model_name_or_path")}
+
+
+def peft_scale(c, name, r):
+    """PEFT's scaling of module `name`: alpha / r (alpha / √r with rsLoRA), alpha_pattern first.
+    The pattern match is PEFT's own (`get_pattern_key`): the key ends the name at a dot boundary."""
+    alpha = c.get("lora_alpha", 8)
+    for key, a in (c.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            alpha = a
+            break
+    return alpha / (math.sqrt(r) if c.get("use_rslora") else r)
+
+
+@torch.no_grad()
+def load_peft(model, adapter_dir, c):
+    """Wrap each module the PEFT adapter names in a LoRA of its own rank, PEFT's scaling folded
+    into lora_B (so alpha = r here). GPT-2's fused c_attn LoRA is split over q/k/v."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.weights import our_lora
+
+    path = Path(adapter_dir) / PEFT_WEIGHTS
+    try:
+        saved = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"cannot read {path}: {e}") from None
+    pairs = {}
+    for key, t in saved.items():
+        m = PEFT_KEY.fullmatch(key)
+        if m is None:
+            raise AdapterError(f"{path} holds {key}: only LoRA A/B weights can be loaded")
+        pairs.setdefault(m[1], {})[m[2]] = t.float()
+    factors = {}
+    for name, ab in pairs.items():
+        if ab.keys() != {"A", "B"}:
+            raise AdapterError(f"{path} has lora_{next(iter(ab))} for {name} but not its pair")
+        factors[name] = (ab["A"], peft_scale(c, name, ab["A"].shape[0]) * ab["B"])
+    lora = get("lora")
+    for name, (A, B) in our_lora(factors).items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"{path} adapts {name}, which this model does not have") from None
+        if not isinstance(layer, torch.nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
+            raise AdapterError(f"{path}: the LoRA of {name} does not fit the model's layer")
+        r = A.shape[0]
+        lora.apply(model, lora.Config(r=r, alpha=r, dropout=c.get("lora_dropout", 0.0), targets=(name,)))
+        layer = model.get_submodule(name)
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    return model

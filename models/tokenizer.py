@@ -164,3 +164,35 @@ def from_llama3_model(model_file):
     specials = {t: len(ranks) + i for i, t in enumerate(names)}
     return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
                                        special_tokens=specials))
+
+
+def gguf_to_hf(fields):
+    """tokenizer.json and tokenizer_config.json for a GGUF byte-level BPE vocabulary: what a Hugging
+    Face export of a GGUF model ships, read back by from_hf_dir and by transformers alike.
+
+    The pre-tokenizer is our own regex as a Split, so both sides split text the same way."""
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    pre = fields.get("tokenizer.ggml.pre", "gpt2")
+    if fields.get("tokenizer.ggml.model") != "gpt2" or pre not in PATTERNS:
+        raise ValueError(f"the GGUF tokenizer ({fields.get('tokenizer.ggml.model')!r}, pre-tokenizer "
+                         f"{pre!r}) cannot be written as a byte-level BPE tokenizer.json")
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    added = [{"id": i, "content": t, **flags} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PATTERNS[pre]}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(fields["tokenizer.ggml.merges"])}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for role in ("bos", "eos", "unknown", "padding"):
+        i = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if i is not None:
+            config[{"unknown": "unk", "padding": "pad"}.get(role, role) + "_token"] = tokens[i]
+    if fields.get("tokenizer.chat_template"):
+        config["chat_template"] = fields["tokenizer.chat_template"]
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}

@@ -1,10 +1,12 @@
-"""Reading checkpoints: GGUF files (llama architecture) and Hugging Face checkpoint directories.
+"""Reading checkpoints (GGUF files of the llama architecture, Hugging Face checkpoint directories)
+and writing Hugging Face ones (export.py).
 
 Each reader returns (config, state_dict in our module names, tokenizer or None). Nothing here
 unpickles: GGUF and safetensors are plain tensor formats, and a legacy `pytorch_model.bin` is
 read only with `torch.load(weights_only=True)`, which refuses arbitrary objects.
 """
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -163,3 +165,93 @@ def read_hf_dir(path):
         warnings.warn(f"{path} ships no tokenizer files (tokenizer.json, vocab.json + merges.txt, "
                       "tokenizer.model): the model loads, the tokenizer is None", stacklevel=3)
     return cfg, {k: v.float() for k, v in sd.items()}, tokenizer
+
+
+# ----------------------------------------------------------------------------- writing Hugging Face
+
+def hf_config(cfg):
+    """config.json of the transformers model that matches `cfg` (old-style RoPE keys, which
+    transformers 4 and 5 and read_hf_dir all read)."""
+    if isinstance(cfg, GPTConfig):
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": True, "torch_dtype": "float32"}
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+           "torch_dtype": "float32"}
+    if cfg.rope_scaling:
+        out["rope_scaling"] = cfg.rope_scaling
+    return out
+
+
+GPT2_QKV = re.compile(r"(transformer\.h\.\d+\.attn\.)([qkv])_proj")  # a third of HF's fused c_attn
+
+
+def hf_state_dict(model):
+    """The tensors of a plain (adapter-free) model under Hugging Face's names and layouts: the
+    inverse of read_hf_dir. A tied head is left out, as save_pretrained leaves it out."""
+    gpt2 = isinstance(model.cfg, GPTConfig)
+    tied = gpt2 or model.cfg.tie_embeddings
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    if not gpt2:
+        return {k: v.contiguous() for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        m = GPT2_QKV.match(k)
+        if m and m[2] != "q":
+            continue  # joined with q below
+        if m:
+            kind = k.rpartition(".")[2]
+            v = torch.cat([sd[f"{m[1]}{p}_proj.{kind}"] for p in "qkv"])  # (3C, C) or (3C,)
+            k = f"{m[1]}c_attn.{kind}"
+        if k.endswith(".weight") and any(s in k for s in ("c_attn", "c_proj", "c_fc")):
+            v = v.t()  # Conv1D stores (in, out)
+        out[k] = v.contiguous()
+    return out
+
+
+def hf_lora(factors):
+    """{our module: (A (r, in), B (out, r))} -> the same under Hugging Face module names.
+
+    GPT-2's q/k/v LoRAs of one layer become one LoRA on the fused c_attn: A stacks their rows and
+    B is block-diagonal over the thirds of c_attn's output (zero for a third with no adapter), so
+    B A is exactly the three ΔW stacked. Rank-0 factors are dropped."""
+    out, fused = {}, {}
+    for name, (A, B) in factors.items():
+        if A.shape[0] == 0:
+            continue
+        m = GPT2_QKV.fullmatch(name)
+        if m:
+            fused.setdefault(m[1] + "c_attn", {})["qkv".index(m[2])] = (A, B)
+        else:
+            out[name] = (A, B)
+    for name, parts in fused.items():
+        A = torch.cat([parts[i][0] for i in sorted(parts)])  # (sum r, C)
+        C = next(iter(parts.values()))[1].shape[0]
+        B = A.new_zeros(3 * C, A.shape[0])  # (3C, sum r)
+        col = 0
+        for i in sorted(parts):
+            r = parts[i][0].shape[0]
+            B[i * C:(i + 1) * C, col:col + r] = parts[i][1]
+            col += r
+        out[name] = (A, B)
+    return out
+
+
+def our_lora(factors):
+    """The inverse of hf_lora: a c_attn LoRA is split into q/k/v by the thirds of B; the ranks
+    whose B column is zero in a third are dropped there, and a third with none left gets no LoRA."""
+    out = {}
+    for name, (A, B) in factors.items():
+        if not name.endswith(".attn.c_attn"):
+            out[name] = (A, B)
+            continue
+        for p, Bp in zip("qkv", B.chunk(3, dim=0)):  # (C, r) each
+            keep = Bp.abs().sum(0) != 0
+            if keep.any():
+                out[name.removesuffix("c_attn") + f"{p}_proj"] = (A[keep], Bp[:, keep])
+    return out
