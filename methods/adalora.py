@@ -92,6 +92,15 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+def dropout(x, p, training):
+    """nn.Dropout's output, but what backward keeps of it is a bool mask (1 byte an entry) where
+    nn.Dropout keeps its float noise (4 bytes): ~100 MB less per step at batch 8 x 128 tokens on the
+    default model (bench.py), and the uniform draw is cheaper than a Bernoulli one on a CPU."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1 - p)
+
+
 class SVDLinear(nn.Linear):
     """An nn.Linear that shares the wrapped layer's weight and bias and adds scale * P diag(Λ) Q x."""
 
@@ -101,7 +110,7 @@ class SVDLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
         self.cfg = cfg  # the training hooks read the schedule from here
         self.scale = cfg.alpha / cfg.init_r
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
         r, dev = cfg.init_r, base.weight.device
         self.lora_A = nn.Parameter(0.02 * torch.randn(r, self.in_features, device=dev))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
@@ -126,8 +135,8 @@ class SVDLinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        h = F.linear(self.dropout(x), self.lora_A) * self.lora_E[:, 0]  # (..., r)
-        return y + self.scale * F.linear(h, self.lora_B)
+        h = F.linear(dropout(x, self.p, self.training), self.lora_A) * (self.scale * self.lora_E[:, 0])  # (..., r)
+        return y + F.linear(h, self.lora_B)
 
     @torch.no_grad()
     def update_importance(self):

