@@ -1,0 +1,534 @@
+"""Speed and memory of every method side by side, measured in one process.
+
+    python bench.py                          # the default model, batch 8 x seq 128, 3 repeats
+    python bench.py --quick                  # batch 4 x seq 64, 2 repeats (SVDs: 1), a 1024^2 SVD matrix
+    python bench.py --size 1b --json out/bench-1b.json
+    python bench.py --model DIR              # any checkpoint models.load reads
+
+Prints a table and, with --json, writes every figure. Each time is the median over repeats that
+visit the variants round-robin (each repeat starting one variant later), so a machine that slows
+down mid-run slows every variant alike and the ratios stay fair even when the absolute times don't.
+
+- Training step, per method at its default Config: train.train_step itself (forward, backward,
+  extra_loss, after_backward, gradient clipping, AdamW, the lr scheduler, after_step) on random
+  tokens, every position a target. The step is number 60 of 150: AdaLoRA is scoring and masking,
+  SaLoRA's gates and multiplier train, and ALoRA's after_step holds no scoring round (a round costs
+  1 + 2 x (live ranks) validation forwards, at steps 15 to 36 of 150 with the defaults; it is not
+  timed here). The reference is the frozen base: the same forward and backward with no adapter,
+  every weight frozen and the input embeddings requiring grad, so the backward runs through every
+  layer as an adapter's does. peft's LoRA on transformers' LlamaForCausalLM, built on the same
+  weights, runs through the same train_step where both packages are installed.
+- Peak memory of a step (the first, untimed one): the tensors the variant keeps (parameters,
+  buffers, optimizer state) plus the most bytes of torch tensors alive at once during the step,
+  counted from the profiler's allocation events on a CPU (tracemalloc does not see torch, and the
+  RSS high-water mark mixes variants and allocator caching), torch.cuda.max_memory_allocated on a GPU.
+- Merged inference: the logits of a LoRA merged into the base weights against the base model's.
+- The machine's limit: fp32 GEMM throughput of an n x n matmul, and the step's FLOPs counted, not
+  measured (matmuls only; N = the sum of in x out over every linear layer, the LM head included):
+      forward 2N per token; backward 2N per token for the input gradients. A frozen weight needs no
+      weight gradient, so a frozen-base step is 4N per token, not the 6N of full fine-tuning.
+      Attention, causal (query i sees i + 1 keys): QKᵀ and PV forward, 2 x 2 x dim x Σ(i + 1) =
+      2 dim T (T + 1) per layer and sequence; backward twice that (dP, dV, dQ, dK); in all
+      6 dim T (T + 1). Flash attention's recomputation in backward is not counted.
+      A LoRA step adds 6 r (in + out) per adapted module and token (forward 2, input and weight
+      gradients 4).
+- SARA and Mo-SARA initialisation: the methods' own apply (SARA: singular values only, in float64;
+  Mo-SARA: one float32 SVD, truncated to the top-k vectors) against a full float32
+  torch.linalg.svd of the same matrices: the model's target matrices, and (once) a random n x n one.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import methods
+import models
+import train
+
+STEP, TOTAL_STEPS = 60, 150  # which step of which run the timed step is (see the docstring)
+LR = 1e-3
+SIZES = {  # --size NAME: a random LLaMA shape
+    "1b": (models.LlamaConfig(vocab_size=32000, dim=2048, n_layers=4, n_heads=32, n_kv_heads=8,
+                              hidden_dim=8192, rope_theta=500000.0, max_seq_len=2048),
+           "Llama-3.2-1B's layer shape (dim 2048, 32 heads, 8 KV heads, SwiGLU 8192), 4 of its 16 layers, "
+           "vocab 32000 so the LM head keeps its share of the matmuls (21%), random weights"),
+}
+TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
+    "lora_step_over_frozen_step": (1.10, "LoRA step / frozen-base step"),
+    "ours_over_peft_step": (1.00, "our LoRA step / peft's"),
+    "ours_over_peft_memory": (1.00, "our LoRA peak memory / peft's"),
+    "merged_forward_over_base_forward": (1.02, "merged LoRA forward / base forward"),
+    "sora_step_over_adalora_step": (0.80, "SoRA step / AdaLoRA step"),
+}
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device), "load_average_at_start": os.getloadavg()[0]}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns, repeats, device):
+    """name -> [seconds of each repeat]; a repeat calls every fn once, starting one later than the last."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(seconds(fns[n], device))
+    return times
+
+
+def gemm_gflops(n, repeats, device):
+    """Median fp32 GFLOP/s of an (n, n) @ (n, n) matmul: the most this machine's matmuls reach."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # the first call pays for thread pools and workspaces
+    times = interleaved({"gemm": lambda: a @ b}, repeats, device)["gemm"]
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def step_flops(model, batch_size, seq_len):
+    """Matmul FLOPs of one frozen-base training step: 4N per token plus causal attention."""
+    n = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    c = model.cfg
+    return 4 * n * batch_size * seq_len + 6 * c.dim * seq_len * (seq_len + 1) * c.n_layers * batch_size
+
+
+def adapter_flops(model, method, tokens):
+    """What a low-rank adapter adds to a step: 6 r (in + out) per module and token."""
+    per_token = 0
+    for name, r in method.ranks(model).items():
+        m = model.get_submodule(name)
+        per_token += 6 * r * (m.in_features + m.out_features)
+    return per_token * tokens
+
+
+# ----------------------------------------------------------------------------- memory
+
+def tensor_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors` (tied and shared weights count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@contextlib.contextmanager
+def quiet_fd2():
+    """Silence fd 2: the profiler's C++ side logs there (a line at start and at stop, and a warning
+    whenever the step frees a tensor allocated before profiling). An exception still propagates;
+    Python warnings raised meanwhile are lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def transient_peak(fn, device):
+    """The most bytes of torch tensors that fn() holds alive at once beyond those alive before it."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with quiet_fd2(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                             profile_memory=True) as prof:
+        fn()
+    # every allocation and free is a "[memory]" event: +bytes or -bytes, in time order; frees of
+    # tensors allocated before the step are not reported, so a step that drops one counts high
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# ----------------------------------------------------------------------------- variants
+
+@dataclass
+class Variant:
+    model: nn.Module
+    step: object  # () -> None: one training step
+    opt: torch.optim.Optimizer | None = None
+
+    @property
+    def trainable(self):
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def keeps(self):
+        """The tensors the variant holds between steps: parameters, buffers, optimizer state."""
+        state = [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)] if self.opt else []
+        return [*self.model.parameters(), *self.model.buffers(), *state]
+
+
+def share_base(model):
+    """A copy with its own modules but the very same parameter and buffer tensors: a method can
+    wrap the copy's layers without touching `model`, and nine variants cost one set of weights."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def frozen_variant(base, batch):
+    model = share_base(base).train()
+    embed = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    # the embeddings' output requires grad, so backward runs to the first layer; no weight gets a grad
+    embed.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+
+    def step():
+        loss = model.loss(*batch)
+        loss.backward()
+        loss.item()  # train_step reads the loss too: the same synchronisation point
+    return Variant(model, step)
+
+
+def trained_variant(model, method, batch):
+    """model (adapter applied) trained by train.train_step at STEP of TOTAL_STEPS."""
+    model.train()
+    opt = torch.optim.AdamW(method.param_groups(model, LR, 0.0), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    val_loss = train.val_closure(model, batch)
+
+    def step():
+        train.train_step(model, method, opt, sched, [batch], STEP, TOTAL_STEPS, val_loss=val_loss)
+    return Variant(model, step, opt)
+
+
+def method_variant(base, name, batch):
+    method = methods.get(name)
+    torch.manual_seed(0)
+    model = method.apply(share_base(base), method.Config())
+    return trained_variant(model, method, batch)
+
+
+class HFLoss(nn.Module):
+    """A transformers causal LM behind our model's `loss(idx, targets)`, so train_step drives it."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def loss(self, idx, targets):
+        logits = self.hf(input_ids=idx).logits  # (B, T, vocab), the same positions as ours
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def hf_llama(model):
+    """transformers' LlamaForCausalLM on the same weight tensors (ours carry Hugging Face's names)."""
+    import transformers
+
+    c = model.cfg
+    rope = {"rope_type": "default"} if c.rope_scaling is None else dict(c.rope_scaling)
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        rope_parameters={**rope, "rope_theta": c.rope_theta}, use_cache=False)
+    hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    hf.load_state_dict(model.state_dict(), assign=True)  # assign: share our tensors, copy nothing
+    return hf.to(model.lm_head.weight.device).requires_grad_(False).eval()  # .to moves the RoPE buffer
+
+
+def peft_versions():
+    """'transformers X, peft Y', or None where either is not installed."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return None
+    return f"transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def peft_variant(hf, batch):
+    """peft's LoRA (our LoRA Config's defaults) on transformers' Llama, trained by the same train_step."""
+    import peft
+
+    lora = methods.get("lora")
+    cfg = lora.Config()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # peft calls a transformers method that transformers deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        hf = peft.get_peft_model(hf, peft.LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+            target_modules=[models.Llama.TARGETS[t].rpartition(".")[2] for t in cfg.targets]))
+    return trained_variant(HFLoss(hf), lora, batch)  # LoRA's hooks: the loss is the task loss alone
+
+
+@torch.no_grad()
+def logit_gap(base, hf, idx):
+    """Largest |logit difference| between our model and its transformers twin: they must agree."""
+    return (base(idx) - hf(input_ids=idx).logits).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- the sections
+
+def bench_steps(base, batch, repeats, device, hf=None):
+    """Every method's step, the frozen base's and (given transformers' twin `hf`) peft's."""
+    names = ["frozen", *methods.NAMES] + (["peft"] if hf is not None else [])
+    variants = {}
+    for name in names:
+        print(f"setting up {name}", file=sys.stderr, flush=True)
+        if name == "frozen":
+            variants[name] = frozen_variant(base, batch)
+        elif name == "peft":
+            variants[name] = peft_variant(hf, batch)
+        else:
+            variants[name] = method_variant(base, name, batch)
+    out = {}
+    for name, v in variants.items():
+        print(f"memory of {name}", file=sys.stderr, flush=True)
+        # this first step is also the warm-up. The optimizer state it creates is counted in what the
+        # variant keeps afterwards, not in the step: AdamW makes it after backward has freed the
+        # activations, so it never sits under the peak, which comes at the turn from forward to backward
+        step_peak = transient_peak(v.step, device)
+        out[name] = {"trainable_params": v.trainable, "peak_bytes": tensor_bytes(v.keeps()) + step_peak}
+    print(f"timing {len(variants)} variants x {repeats} repeats", file=sys.stderr, flush=True)
+    for name, times in interleaved({n: v.step for n, v in variants.items()}, repeats, device).items():
+        out[name].update(seconds=times, median_s=statistics.median(times))
+    return out
+
+
+def bench_forward(base, idx, repeats, device):
+    """Median seconds of the base model's logits and of a merged LoRA's: merging must cost nothing."""
+    lora = methods.get("lora")
+    merged = lora.merge(lora.apply(copy.deepcopy(base), lora.Config())).eval()
+    fns = {"base": lambda: base(idx), "merged": lambda: merged(idx)}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        return {n: statistics.median(t) for n, t in interleaved(fns, repeats, device).items()}
+
+
+def init_times(model, targets, repeats, device):
+    """Median seconds of SARA's and Mo-SARA's apply on `model`, and of a full SVD of every target."""
+    sara, mosara = methods.get("sara"), methods.get("mosara")
+    weights = [model.get_submodule(n).weight for n in targets]
+
+    def full_svd():
+        for w in weights:
+            torch.linalg.svd(w.detach().float(), full_matrices=False)
+    fns = {"sara": lambda: sara.apply(share_base(model), sara.Config(targets=tuple(targets))),
+           "mosara": lambda: mosara.apply(share_base(model), mosara.Config(targets=tuple(targets))),
+           "full_svd": full_svd}
+    out = {n: statistics.median(t) for n, t in interleaved(fns, repeats, device).items()}
+    out.update(matrices=len(weights), shapes=sorted({"x".join(map(str, w.shape)) for w in weights}))
+    return out
+
+
+def random_matrix_holder(n, device):
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.proj = nn.Linear(n, n, bias=False, device=device).requires_grad_(False)
+    nn.init.normal_(holder.proj.weight, std=n ** -0.5)
+    return holder
+
+
+def bench_init(base, svd_size, repeats, device):
+    lora = methods.get("lora")  # finds SARA's default targets by name without an SVD
+    targets = list(lora.ranks(lora.apply(share_base(base), lora.Config(targets=methods.get("sara").Config().targets))))
+    print(f"SARA / Mo-SARA init on {len(targets)} target matrices and one {svd_size}^2", file=sys.stderr, flush=True)
+    return {"model": init_times(base, targets, repeats, device),
+            "random": init_times(random_matrix_holder(svd_size, device), ["proj"], 1, device)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--size", choices=sorted(SIZES), default=None,
+                     help="a random LLaMA shape instead of the default model")
+    src.add_argument("--model", default=None,
+                     help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats, a smaller SVD matrix")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: 8; 4 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="(default: 128; 64 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 3; 2 with --quick)")
+    p.add_argument("--svd-size", type=int, default=None,
+                   help="side of the random SVD matrix (default: 4096; 1024 with --quick)")
+    p.add_argument("--gemm-size", type=int, default=2048, help="side of the matmul that measures GFLOP/s")
+    p.add_argument("--no-peft", action="store_true", help="leave peft out even where it is installed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write every figure to this file")
+    args = p.parse_args(argv)
+    quick = {"batch_size": 4, "seq_len": 64, "repeats": 2, "svd_size": 1024}
+    full = {"batch_size": 8, "seq_len": 128, "repeats": 3, "svd_size": 4096}
+    for name, default in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build sees no GPU")
+    return args
+
+
+def build(args):
+    """(frozen base model on the device, a one-line description)."""
+    if args.size:
+        cfg, about = SIZES[args.size]
+        torch.manual_seed(0)
+        model = models.Llama(cfg).requires_grad_(False)
+    else:
+        model, _ = models.load(args.model)
+        about = f"{models.resolve(args.model)} ({'the default model' if args.model is None else 'given'})"
+    if args.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {model.cfg.max_seq_len} positions")
+    return model.to(args.device).eval(), about
+
+
+def random_batch(cfg, batch_size, seq_len, device):
+    """(idx, targets) (B, T) of random tokens, every position a target: the shapes are all that counts."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g)
+    return x[:, :-1].to(device), x[:, 1:].to(device)
+
+
+def ratios(steps):
+    out = {f"{n}_step_over_frozen_step": steps[n]["median_s"] / steps["frozen"]["median_s"] for n in methods.NAMES}
+    out.update({f"{n}_memory_over_frozen_memory": steps[n]["peak_bytes"] / steps["frozen"]["peak_bytes"]
+                for n in methods.NAMES})
+    out["sora_step_over_adalora_step"] = steps["sora"]["median_s"] / steps["adalora"]["median_s"]
+    if "peft" in steps:
+        out["ours_over_peft_step"] = steps["lora"]["median_s"] / steps["peft"]["median_s"]
+        out["ours_over_peft_memory"] = steps["lora"]["peak_bytes"] / steps["peft"]["peak_bytes"]
+    return out
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    res = {"machine": machine(args.device)}
+    base, about = build(args)
+    batch = random_batch(base.cfg, args.batch_size, args.seq_len, args.device)
+    tokens = args.batch_size * args.seq_len
+    versions = None if args.no_peft else peft_versions()
+    res["setup"] = {"model": about, "base_params": sum(p.numel() for p in base.parameters()),
+                    "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
+                    "quick": args.quick, "peft": versions or ("left out" if args.no_peft else "not installed")}
+    hf = None
+    if versions and isinstance(base, models.Llama):
+        hf = hf_llama(base)
+        res["hf_max_abs_logit_diff"] = logit_gap(base, hf, batch[0][:1])
+    elif versions:
+        res["setup"]["peft"] = "left out: only LLaMA-family models are built in transformers here"
+
+    res["steps"] = bench_steps(base, batch, args.repeats, args.device, hf)
+    res.update(ratios(res["steps"]))
+    fwd = bench_forward(base, batch[0], max(5, args.repeats), args.device)  # a forward is cheap: more repeats
+    res["forward_s"] = fwd
+    res["merged_forward_over_base_forward"] = fwd["merged"] / fwd["base"]
+
+    gemm = gemm_gflops(args.gemm_size, 5, args.device)
+    lora = methods.get("lora")
+    flops = {"frozen": step_flops(base, args.batch_size, args.seq_len)}
+    flops["lora"] = flops["frozen"] + adapter_flops(lora.apply(share_base(base), lora.Config()), lora, tokens)
+    res["gemm"] = {"n": args.gemm_size, "gflops": gemm}
+    for n, f in flops.items():
+        res[f"{n}_step_gflop"] = f / 1e9
+        res[f"{n}_step_fraction_of_gemm"] = f / res["steps"][n]["median_s"] / 1e9 / gemm
+
+    res["init"] = bench_init(base, args.svd_size, 1 if args.quick else args.repeats, args.device)
+    for n in ("sara", "mosara"):
+        res[f"{n}_init_over_full_svd"] = res["init"]["model"][n] / res["init"]["model"]["full_svd"]
+    res["targets"] = {k: {"value": res[k], "at_most": limit, "met": res[k] <= limit}
+                      for k, (limit, _) in TARGETS.items() if k in res}
+    res["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    print(report(res))
+    if args.json:
+        methods.write_json(args.json, res)
+    return res
+
+
+# ----------------------------------------------------------------------------- the table
+
+def report(res):
+    m, s, steps = res["machine"], res["setup"], res["steps"]
+    frozen = steps["frozen"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+        f"{m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}; load average {m['load_average_at_start']:.2f} at "
+        f"start, {m['load_average_at_end']:.2f} at end",
+        f"model: {s['model']}; {s['base_params']:,} parameters",
+        f"step: batch {s['batch_size']} x seq {s['seq_len']} random tokens, step {STEP} of {TOTAL_STEPS} (ALoRA: "
+        f"an ordinary step, no scoring round); median of {s['repeats']} interleaved repeats",
+        "memory: parameters + buffers + optimizer state, plus the most bytes of torch tensors alive at once "
+        "during the step (" + ("torch.cuda.max_memory_allocated" if m["device"].startswith("cuda")
+                               else "profiler allocation events") + ")",
+        "",
+        f"{'variant':<8} {'trainable':>10} {'step s':>8} {'x frozen':>9} {'peak MB':>9} {'x frozen':>9}",
+    ]
+    for name, v in steps.items():
+        lines.append(f"{name:<8} {v['trainable_params']:>10,} {v['median_s']:>8.3f} "
+                     f"{v['median_s'] / frozen['median_s']:>9.3f} {v['peak_bytes'] / 2 ** 20:>9.0f} "
+                     f"{v['peak_bytes'] / frozen['peak_bytes']:>9.3f}")
+    lines.append(f"peft: {s['peft']}" + (f" (max |logit difference| from ours {res['hf_max_abs_logit_diff']:.1e})"
+                                          if "hf_max_abs_logit_diff" in res else ""))
+    fwd, g = res["forward_s"], res["gemm"]
+    lines += [
+        "",
+        f"inference: merged LoRA forward {fwd['merged']:.3f} s, base forward {fwd['base']:.3f} s",
+        f"GEMM fp32 {g['n']}^3: {g['gflops']:.1f} GFLOP/s; frozen step {res['frozen_step_gflop']:.1f} GFLOP "
+        f"({100 * res['frozen_step_fraction_of_gemm']:.0f}% of GEMM), LoRA step {res['lora_step_gflop']:.1f} GFLOP "
+        f"({100 * res['lora_step_fraction_of_gemm']:.0f}%)",
+    ]
+    for key, what in (("model", "the model's target matrices"), ("random", "a random matrix")):
+        i = res["init"][key]
+        lines.append(f"init on {what} ({i['matrices']}: {', '.join(i['shapes'])}): SARA {i['sara']:.2f} s, "
+                     f"Mo-SARA {i['mosara']:.2f} s, full SVD {i['full_svd']:.2f} s")
+    lines += ["", "targets:"]
+    for k, t in res["targets"].items():
+        lines.append(f"  {TARGETS[k][1]:<34} {t['value']:>6.3f} <= {t['at_most']:.2f}  "
+                     f"{'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, models.LoadError, data.DataError, methods.AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
