@@ -24,7 +24,7 @@ NAMES = {"lora": "LoRA", "sara": "SARA", "mosara": "Mo-SARA", "sora": "SoRA", "a
          "alora": "ALoRA", "salora": "SaLoRA"}
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.5)  # SARA's sweep (its paper's Fig. 2), plus the adapter's own
 ROUTER_EXAMPLES = 8
-NOT_RECIPE = {"method", "out", "model", "data", "resume", "save_every", "log_every"}  # train.py flags no row shows
+NOT_RECIPE = {"method", "out", "model", "data", "resume", "save_every", "log_every", "device"}  # not the recipe
 
 
 def pyplot():
