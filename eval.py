@@ -3,6 +3,8 @@
     python eval.py --adapter out/lora out/sora            # accuracy on the built-in task's test split
     python eval.py --data test.json --limit 100 --json results.json
     python eval.py --text prose.txt --adapter out/lora    # perplexity of a plain-text file
+    python eval.py --adapter runs/* --limit 200 --markdown # also print the README's results table
+    python eval.py --plot figs --adapter runs/*           # figures (plots.py) instead of evaluating
 
 Generation is greedy, batched, with the KV cache; adapters that reduce to LoRA are merged first,
 so they run at the base model's speed.
@@ -19,6 +21,7 @@ import torch
 import data
 import methods
 import models
+import plots
 
 
 def parse_args(argv):
@@ -33,7 +36,15 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB})")
     args = p.parse_args(argv)
+    if args.plot:
+        if args.text or not args.adapter:
+            raise ValueError("--plot draws the figures of the --adapter directories over the test examples: "
+                             "give at least one and leave out --text")
+        plots.pyplot()  # a missing matplotlib fails before the model loads
     for name in ("batch_size", "max_new_tokens", "seq_len"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
@@ -95,6 +106,11 @@ def main(argv=None):
             raise data.DataError(f"cannot read {args.text}: {e}") from None
     else:
         examples = data.load_split(args.data, "test")[:args.limit]
+    if args.plot:
+        model_name = Path(models.resolve(args.model)).stem
+        for path in plots.write_all(args.plot, base, tok, args.adapter, examples, model_name):
+            print(f"wrote {path}")
+        return []
 
     candidates = ([] if args.no_base else [("base", None)]) + [(Path(d).name, d) for d in args.adapter]
     rows = []
@@ -102,7 +118,7 @@ def main(argv=None):
         model, trainable, method = (base, 0, "base") if adapter_dir is None else with_adapter(base, adapter_dir)
         t = time.time()
         row = {"name": name, "method": method, "trainable_params": trainable,
-               "share": 100 * trainable / base_params}
+               "share": 100 * trainable / base_params, **({} if adapter_dir is None else plots.run_facts(adapter_dir))}
         if args.text:
             row["perplexity"] = perplexity(model, tok, text, args.seq_len)
         else:
@@ -113,6 +129,8 @@ def main(argv=None):
         print_row(row, first=len(rows) == 1)
     if args.json:
         methods.write_json(args.json, rows)
+    if args.markdown:
+        print("\n".join(plots.markdown_table(rows)))
     return rows
 
 

@@ -1,0 +1,342 @@
+"""Figures of trained adapters and the README's results table; eval.py's --plot and --markdown.
+
+    python eval.py --plot figs --adapter runs/sara runs/sora runs/mosara   # PNGs into figs/, no evaluation
+    python eval.py --adapter runs/lora runs/sora --limit 200 --markdown    # rows for the README's table
+
+The drawing functions take plain data (dicts and lists) and a path and write one PNG each; the
+functions above them gather that data from adapter directories and the base model. matplotlib is
+an optional extra, imported only when something is drawn.
+"""
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+import data
+import methods
+import train
+
+MATPLOTLIB = "matplotlib==3.11.2"
+NAMES = {"lora": "LoRA", "sara": "SARA", "mosara": "Mo-SARA", "sora": "SoRA", "adalora": "AdaLoRA",
+         "alora": "ALoRA", "salora": "SaLoRA"}
+THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.5)  # SARA's sweep (its paper's Fig. 2), plus the adapter's own
+ROUTER_EXAMPLES = 8
+NOT_RECIPE = {"method", "out", "model", "data", "resume", "save_every", "log_every", "device"}  # not the recipe
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend; a one-sentence error when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(f"--plot needs matplotlib, an optional extra: pip install {MATPLOTLIB}") from None
+    matplotlib.use("Agg")  # no display here, and none needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+def read_json(path, default=None):
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise methods.AdapterError(f"{path} is not JSON ({e})") from None
+
+
+def read_log(adapter_dir):
+    """log.jsonl as a list of records ([] when the run left none)."""
+    path = Path(adapter_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise methods.AdapterError(f"{path} is not JSON lines ({e})") from None
+
+
+def series(log, key):
+    """(steps, values) of the records that carry `key`."""
+    recs = [r for r in log if key in r]
+    return [r["step"] for r in recs], [r[key] for r in recs]
+
+
+def train_flags(meta):
+    """The train.py flags of a run that differ from their defaults, as one would type them."""
+    name, given = meta["method"], meta.get("train_args", {})
+    plain_args, method, plain_cfg = train.parse_args(["--method", name])
+    # the default warmup follows --steps: compare it with the default of a run this long
+    same_length = vars(train.parse_args(["--method", name, "--steps", str(given.get("steps", plain_args.steps))])[0])
+    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg)}
+    cfg = dataclasses.asdict(methods.config_from_dict(method, meta["config"]))
+    flags = []
+    for key, value in {**given, **cfg}.items():
+        if key in NOT_RECIPE or key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            text = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
+            flags.append(f"{flag} {text}")
+    return " ".join(flags)
+
+
+def run_facts(adapter_dir):
+    """Row fields from the adapter's training run: train seconds, total rank, steps, flags."""
+    meta = methods.read_config(adapter_dir)
+    summary = read_json(Path(adapter_dir) / "summary.json", {})
+    facts = {"flags": train_flags(meta)}
+    for key, src in (("train_seconds", "seconds"), ("total_rank", "total_rank"), ("steps", "steps")):
+        if src in summary:
+            facts[key] = summary[src]
+    return facts
+
+
+# ----------------------------------------------------------------------------- data from models
+
+def by_layer(per_module, targets):
+    """{module name: value} -> {matrix: [value per layer]} (None where a layer has no such module).
+
+    `targets` is the model's TARGETS table (logical name -> module-name suffix); a module no entry
+    matches keeps its last name component as its matrix name.
+    """
+    cells = {}
+    for name, value in per_module.items():
+        layer = re.search(r"\.(\d+)\.", name)
+        if layer is None:
+            raise ValueError(f"{name}: no layer number in the module name")
+        matrix = next((t for t, suffix in targets.items() if name.endswith("." + suffix)), name.rsplit(".", 1)[-1])
+        cells[matrix, int(layer.group(1))] = value
+    n_layers = 1 + max(layer for _, layer in cells)
+    found = {m for m, _ in cells}
+    order = [t for t in targets if t in found] + sorted(found - set(targets))
+    return {m: [cells.get((m, i)) for i in range(n_layers)] for m in order}
+
+
+def sara_sweep(base, targets, thresholds):
+    """{threshold: {module: k}}: the rank SARA gives each layer at each threshold (svdvals of W0)."""
+    sara = methods.get("sara")
+    return {t: sara.ranks(sara.apply(copy.deepcopy(base), sara.Config(threshold=t, targets=targets)))
+            for t in thresholds}
+
+
+@torch.no_grad()
+def router_means(model, tok, examples):
+    """{module: [mean gate per head]} of a Mo-SARA model over the prompt and response tokens of each
+    example, averaged over the examples (one forward each: no padding tokens in the means)."""
+    mosara = methods.get("mosara")
+    encoded = data.encode_all(tok, examples, model.cfg.max_seq_len)
+    total = {}
+    for ids, _ in encoded:
+        model(torch.tensor([ids]))
+        for name, gates in mosara.router_weights(model).items():
+            total[name] = total.get(name, 0) + torch.tensor(gates)
+    return {name: (g / len(encoded)).tolist() for name, g in total.items()}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def save(fig, path):
+    methods.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    pyplot().close(fig)  # pyplot keeps every open figure alive otherwise
+
+
+def layer_axis(ax, n_layers):
+    ax.set_xticks(range(n_layers))
+    ax.set_xticklabels([str(i) if i % 5 == 0 or n_layers <= 12 else "" for i in range(n_layers)])
+    ax.set_xlabel("layer")
+
+
+def log_ticks(ax):
+    """A log y axis labelled 1, 2, 5, 10, 20, … in plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([m * 10 ** e for e in range(-3, 6) for m in (1, 2, 5)]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def rank_heatmap(grid, title, path):
+    """grid {matrix: [rank per layer]}: one row per matrix, one column per layer, the rank written in."""
+    plt = pyplot()
+    rows = list(grid)
+    n_layers = len(next(iter(grid.values())))
+    values = torch.tensor([[float("nan") if v is None else v for v in grid[m]] for m in rows])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * n_layers + 2), 1.3 + 0.45 * len(rows)))
+    im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=0)
+    top = float(values.nan_to_num(0).max()) or 1.0
+    for r, m in enumerate(rows):
+        for i, v in enumerate(grid[m]):
+            if v is not None:
+                ax.text(i, r, str(v), ha="center", va="center", fontsize=7, color="white" if v < 0.6 * top else "black")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows)
+    ax.set_ylabel("matrix")
+    layer_axis(ax, n_layers)
+    fig.colorbar(im, ax=ax, label="rank", pad=0.01, fraction=0.03)
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
+
+
+def threshold_lines(sweep, title, path, mark=None):
+    """sweep {threshold: {matrix: [k per layer]}}: k against layer, one line per threshold, a panel per
+    matrix; the threshold `mark` (the adapter's) drawn bold."""
+    plt = pyplot()
+    matrices = list(next(iter(sweep.values())))
+    n_layers = len(next(iter(sweep.values()))[matrices[0]])
+    fig, axes = plt.subplots(len(matrices), 1, figsize=(9, 2.6 * len(matrices) + 0.6), sharex=True, squeeze=False)
+    for ax, m in zip(axes[:, 0], matrices):
+        for t, grid in sorted(sweep.items()):
+            ax.plot(range(n_layers), grid[m], marker="o", markersize=3, linewidth=2.5 if t == mark else 1,
+                    label=f"{t:g} (this adapter)" if t == mark else f"{t:g}")
+        log_ticks(ax)
+        ax.set_ylabel(f"k ({m})")
+        ax.grid(True, which="both", alpha=0.3)
+    layer_axis(axes[-1, 0], n_layers)
+    axes[0, 0].legend(title="threshold", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[0, 0].set_title(title, fontsize=10)
+    save(fig, path)
+
+
+def router_heatmap(grid, title, path):
+    """grid {matrix: [[mean gate per head] per layer]}: heads as rows, layers as columns, a panel per
+    matrix; the colour scale is centred on the uniform gate 1/heads."""
+    plt = pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    matrices = list(grid)
+    n_layers, heads = len(grid[matrices[0]]), len(next(g for g in grid[matrices[0]] if g is not None))
+    values = {m: torch.tensor([[float("nan")] * heads if g is None else g for g in grid[m]]).T for m in matrices}
+    top = max(float(v.nan_to_num(0).max()) for v in values.values())
+    norm = TwoSlopeNorm(vcenter=1 / heads, vmin=0, vmax=max(top, 1.5 / heads))
+    fig, axes = plt.subplots(len(matrices), 1, figsize=(max(6.0, 0.32 * n_layers + 2), 1.2 + 1.4 * len(matrices)),
+                             sharex=True, squeeze=False)
+    for ax, m in zip(axes[:, 0], matrices):
+        im = ax.imshow(values[m].numpy(), aspect="auto", cmap="RdBu_r", norm=norm)
+        ax.set_yticks(range(heads))
+        ax.set_yticklabels([f"head {h}" for h in range(heads)], fontsize=7)
+        ax.set_ylabel(m)
+    layer_axis(axes[-1, 0], n_layers)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label=f"mean gate (uniform = {1 / heads:.2g})", pad=0.01, fraction=0.03)
+    axes[0, 0].set_title(title, fontsize=10)
+    save(fig, path)
+
+
+def window_mean(steps, values, n):
+    """At each logged step s, the mean of the values logged in the steps (s - n, s]."""
+    return [sum(w) / len(w) for w in ([v for t, v in zip(steps, values) if s - n < t <= s] for s in steps)]
+
+
+def curves(lines, title, ylabel, path, log_y=False, smooth=1):
+    """lines {label: (steps, values)} on one axis. With smooth=n each series is drawn faint as logged
+    and solid as its mean over the last n steps, so runs logged every step compare with runs logged
+    every n steps (whose solid line is the logged one)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (steps, values) in lines.items():
+        line, = ax.plot(steps, window_mean(steps, values, smooth), label=label, linewidth=1.4,
+                        marker="o" if len(steps) < 30 else None, markersize=3)  # sparse logs: show each point
+        if smooth > 1:
+            ax.plot(steps, values, linewidth=0.6, alpha=0.3, color=line.get_color())
+    if log_y:
+        log_ticks(ax)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
+
+
+# ----------------------------------------------------------------------------- every figure
+
+def label(name, method):
+    """The adapter's directory name with its method, or the method alone where they agree."""
+    pretty = NAMES.get(method, method)
+    return pretty if name == method else f"{name} ({pretty})"
+
+
+def adapter_figures(out, base, tok, adapter_dir, examples, model_name):
+    """One adapter's figures: its ranks; SARA's threshold sweep; Mo-SARA's router. The paths written."""
+    meta, name = methods.read_config(adapter_dir), Path(adapter_dir).name
+    kind = meta["method"]
+    who = label(name, kind)
+    if kind == "lora":  # one fixed rank everywhere: nothing to draw
+        return []
+    targets = getattr(base, "TARGETS", {})
+    model = methods.load_adapter(copy.deepcopy(base), adapter_dir).eval()
+    ranks = methods.get(kind).ranks(model)
+    what = {"sara": "k per layer, set at init from the spectrum of W0",
+            "mosara": "k per layer (frozen singular directions)"}.get(kind, "final rank per layer")
+    written = [out / f"ranks_{name}.png"]
+    rank_heatmap(by_layer(ranks, targets), f"{who}: {what}, total {sum(ranks.values()):,}\n{model_name}", written[-1])
+    if kind == "sara":
+        cfg = meta["config"]
+        sweep = sara_sweep(base, tuple(cfg["targets"]), sorted({*THRESHOLDS, cfg["threshold"]}))
+        written.append(out / f"sara_thresholds_{name}.png")
+        threshold_lines({t: by_layer(k, targets) for t, k in sweep.items()},
+                        f"SARA: k per layer from the spectrum of W0 at each threshold\n{model_name}", written[-1],
+                        mark=cfg["threshold"])
+    if kind == "mosara":
+        examples = examples[:ROUTER_EXAMPLES]
+        written.append(out / f"router_{name}.png")
+        gates = by_layer(router_means(model, tok, examples), targets)
+        router_heatmap(gates, f"{who}: mean router gate per head, over {len(examples)} test examples\n{model_name}",
+                       written[-1])
+    return written
+
+
+def training_figures(out, adapter_dirs, model_name):
+    """Loss and live-rank curves of all the adapters from their log.jsonl. The paths written."""
+    logs = {label(Path(d).name, methods.read_config(d)["method"]): read_log(d) for d in adapter_dirs}
+    written = []
+    losses = {k: series(log, "loss") for k, log in logs.items() if series(log, "loss")[0]}
+    if losses:
+        written.append(out / "loss.png")
+        curves(losses, f"Training loss as logged (task loss + the method's regulariser)\nfaint: each logged step; "
+               f"solid: mean over the last 10 steps. {model_name}", "loss", written[-1], log_y=True, smooth=10)
+    live = {k: series(log, "live_rank") for k, log in logs.items() if series(log, "live_rank")[0]}
+    if live:
+        written.append(out / "live_rank.png")
+        curves(live, f"Live total rank during training\n{model_name}", "live rank (all modules)", written[-1])
+    return written
+
+
+def write_all(out_dir, base, tok, adapter_dirs, examples, model_name):
+    """Every figure for the adapters into out_dir; returns the paths written."""
+    names = [Path(d).name for d in adapter_dirs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"figures are named after the adapter directories, and two share a name: {names}")
+    out = Path(out_dir)
+    written = [p for d in adapter_dirs for p in adapter_figures(out, base, tok, d, examples, model_name)]
+    return written + training_figures(out, adapter_dirs, model_name)
+
+
+# ----------------------------------------------------------------------------- the results table
+
+COLUMNS = ("method", "trainable params", "% of base", "final total rank", "{metric}", "train time")
+
+
+def markdown_table(rows):
+    """eval.py's rows as the README's results table (header, rule, one line per row)."""
+    metric = "perplexity" if rows and "perplexity" in rows[0] else "accuracy"
+    head = [c.format(metric=metric) for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for row in rows:
+        name = "base model" if row["method"] == "base" else NAMES.get(row["method"], row["method"])
+        if row.get("flags"):
+            name += f" `{row['flags']}`"
+        value = f"{row['perplexity']:.3f}" if metric == "perplexity" else f"{100 * row['accuracy']:.1f}%"
+        rank = f"{row['total_rank']:,}" if "total_rank" in row else "–"
+        seconds = train.fmt_time(row["train_seconds"]) if "train_seconds" in row else "–"
+        cells = [name, f"{row['trainable_params']:,}", f"{row['share']:.3f}", rank, value, seconds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

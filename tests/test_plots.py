@@ -1,0 +1,185 @@
+"""eval.py --plot and --markdown (plots.py) on adapters trained for a few steps on a tiny checkpoint."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import data
+import eval as evaluate
+import methods
+import models
+import plots
+import train
+from test_train import FAST, ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SHORT = [*FAST, "--steps", "6", "--log-every", "2"]  # every ALoRA, AdaLoRA, SoRA figure still happens
+EXTRA = {"lora": ["--r", "4", "--lr", "0.01"], "sara": ["--threshold", "0.3"], "mosara": ["--heads", "3"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_checkpoint):
+    """{method: adapter dir}, one short run each; lora and mosara with non-default flags."""
+    root = tmp_path_factory.mktemp("runs")
+    for name in methods.NAMES:
+        train.main(["--method", name, "--model", str(tiny_checkpoint), "--out", str(root / name),
+                    *SHORT, *EXTRA.get(name, [])])
+    return {name: root / name for name in methods.NAMES}
+
+
+@pytest.fixture(scope="module")
+def plotted(runs, tiny_checkpoint, tmp_path_factory):
+    """eval.py --plot over every run, with each drawing function's arguments recorded on the way."""
+    out, calls = tmp_path_factory.mktemp("figs"), []
+    with pytest.MonkeyPatch.context() as mp:
+        for fn in ("rank_heatmap", "threshold_lines", "router_heatmap", "curves"):
+            real = getattr(plots, fn)
+            mp.setattr(plots, fn, lambda *a, _fn=fn, _real=real, **kw: (calls.append((_fn, a, kw)), _real(*a, **kw)))
+        rows = evaluate.main(["--model", str(tiny_checkpoint), "--plot", str(out), "--limit", "4",
+                              "--adapter", *map(str, runs.values())])
+    return out, calls, rows
+
+
+def received(calls, fn, path):
+    return next(args for name, args, _ in calls if name == fn and args[-1] == path)
+
+
+def loaded(checkpoint, adapter_dir):
+    model, tok = models.load(checkpoint)
+    return methods.load_adapter(model, adapter_dir).eval(), tok
+
+
+def test_plot_writes_a_png_per_figure_and_no_rows(plotted):
+    out, _, rows = plotted
+    expected = {f"ranks_{m}.png" for m in methods.NAMES if m != "lora"} | {
+        "sara_thresholds_sara.png", "router_mosara.png", "loss.png", "live_rank.png"}
+    assert rows == [] and {p.name for p in out.iterdir()} == expected
+    for p in out.iterdir():
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 2000, p
+
+
+def test_rank_heatmaps_get_each_methods_ranks(plotted, runs, tiny_checkpoint):
+    out, calls, _ = plotted
+    for name in methods.NAMES[1:]:
+        model, _ = loaded(tiny_checkpoint, runs[name])
+        ranks = methods.get(name).ranks(model)
+        grid = received(calls, "rank_heatmap", out / f"ranks_{name}.png")[0]
+        assert set(grid) == {"q", "v"} and all(len(row) == model.cfg.n_layers for row in grid.values())
+        assert grid == {m: [ranks[f"model.layers.{i}.self_attn.{m}_proj"] for i in range(model.cfg.n_layers)]
+                        for m in ("q", "v")}
+        assert ranks == json.loads((runs[name] / "summary.json").read_text())["ranks"]
+
+
+def test_sara_sweep_is_rank_for_on_the_base_weights(plotted, tiny_checkpoint):
+    out, calls, _ = plotted
+    sweep = received(calls, "threshold_lines", out / "sara_thresholds_sara.png")[0]
+    assert sorted(sweep) == sorted({*plots.THRESHOLDS, 0.3})  # the adapter's own threshold joins the sweep
+    base, _ = models.load(tiny_checkpoint)
+    sara = methods.get("sara")
+    for t, grid in sweep.items():
+        for m, ks in grid.items():
+            assert ks == [sara.rank_for(base.get_submodule(f"model.layers.{i}.self_attn.{m}_proj").weight, t)
+                          for i in range(len(ks))]
+    ordered = [sweep[t] for t in sorted(sweep)]
+    assert all(a[m][i] <= b[m][i] for a, b in zip(ordered, ordered[1:]) for m in a for i in range(len(a[m])))
+
+
+def test_router_heatmap_gets_mean_gates_of_the_test_prompts(plotted, runs, tiny_checkpoint):
+    out, calls, _ = plotted
+    grid = received(calls, "router_heatmap", out / "router_mosara.png")[0]
+    gates = [g for row in grid.values() for g in row]
+    assert len(gates) == 4 and all(len(g) == 3 for g in gates)  # 2 layers x (q, v), --heads 3
+    assert all(abs(sum(g) - 1) < 1e-5 for g in gates)  # means of softmax gates
+    model, tok = loaded(tiny_checkpoint, runs["mosara"])
+    ex = data.load_split(None, "test")[0]
+    one = plots.router_means(model, tok, [ex])
+    model(torch.tensor([data.encode(tok, ex, 512)[0]]))  # the same forward, read directly
+    assert one == methods.get("mosara").router_weights(model)
+
+
+def test_curves_get_the_logged_losses_and_live_ranks(plotted, runs):
+    out, calls, _ = plotted
+    lines = received(calls, "curves", out / "loss.png")[0]
+    assert len(lines) == len(methods.NAMES)
+    for name, d in runs.items():
+        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        steps, losses = lines[plots.label(name, name)]
+        assert steps == [r["step"] for r in log] and losses == [r["loss"] for r in log]
+    live = received(calls, "curves", out / "live_rank.png")[0]
+    assert set(live) == {plots.label(m, m) for m in ("sora", "adalora", "alora")}  # those that log it
+
+
+def test_markdown_rows_parse_back_to_the_json_rows(runs, tiny_checkpoint, tmp_path, capsys):
+    rows = evaluate.main(["--model", str(tiny_checkpoint), "--limit", "2", "--max-new-tokens", "2",
+                          "--markdown", "--json", str(tmp_path / "rows.json"),
+                          "--adapter", *(str(runs[m]) for m in ("lora", "sora", "mosara"))])
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0] == "| method | trainable params | % of base | final total rank | accuracy | train time |"
+    by_name = {v: k for k, v in plots.NAMES.items()} | {"base model": "base"}
+    for line, row in zip(table[2:], rows, strict=True):
+        label, params, share, rank, acc, seconds = [c.strip() for c in line.strip("|").split("|")]
+        name, _, flags = label.partition(" `")
+        assert by_name[name] == row["method"] and flags.rstrip("`") == row.get("flags", "")
+        assert int(params.replace(",", "")) == row["trainable_params"]
+        assert float(share) == round(row["share"], 3) and float(acc.rstrip("%")) == round(100 * row["accuracy"], 1)
+        if row["method"] == "base":
+            assert rank == seconds == "–"
+        else:
+            assert int(rank.replace(",", "")) == row["total_rank"]
+            m, s = re.fullmatch(r"(\d+)m(\d\d)s", seconds).groups()
+            assert int(m) * 60 + int(s) == int(row["train_seconds"])
+
+
+def test_flags_are_the_non_defaults_and_train_the_same_run(runs):
+    meta = methods.read_config(runs["lora"])
+    flags = plots.train_flags(meta)
+    assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --r 4"
+    args, _, cfg = train.parse_args(["--method", "lora", *flags.split()])
+    assert methods.config_from_dict(methods.get("lora"), meta["config"]) == cfg
+    recipe = set(vars(args)) - plots.NOT_RECIPE - set(meta["config"])
+    assert {k: meta["train_args"][k] for k in recipe} == {k: vars(args)[k] for k in recipe}
+    assert plots.train_flags(methods.read_config(runs["sora"])) == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
+
+
+@given(st.dictionaries(st.tuples(st.sampled_from("qvo"), st.integers(0, 40)), st.integers(0, 99), min_size=1))
+def test_by_layer_places_every_value_once(cells):
+    table = {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "k": "self_attn.k_proj"}  # no "o": named as is
+    names = {(m, i): f"model.layers.{i}." + table.get(m, "self_attn." + m) for m, i in cells}
+    grid = plots.by_layer({names[c]: v for c, v in cells.items()}, table)
+    n = 1 + max(i for _, i in cells)
+    assert list(grid) == [m for m in "qvo" if any(c[0] == m for c in cells)]  # the table's order, then the rest
+    assert grid == {m: [cells.get((m, i)) for i in range(n)] for m in grid}
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=30), st.integers(1, 12))
+def test_window_mean_stays_within_the_window(gaps, n):
+    steps = [sum(gaps[:i + 1]) for i in range(len(gaps))]
+    values = [float((7 * s) % 11) for s in steps]
+    means = plots.window_mean(steps, values, n)
+    for s, mean in zip(steps, means):
+        window = [v for t, v in zip(steps, values) if s - n < t <= s]
+        assert min(window) - 1e-9 <= mean <= max(window) + 1e-9
+    if min(gaps) >= n:  # logged no more often than every n steps: the logged values themselves
+        assert means == values
+
+
+def test_without_matplotlib_plot_is_one_line_and_exit_2(tmp_path):
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "  # None in sys.modules: the import fails
+            f"sys.argv = ['eval.py', '--plot', {str(tmp_path)!r}, '--adapter', 'nowhere']; "
+            "runpy.run_path('eval.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: --plot needs matplotlib, an optional extra: pip install {plots.MATPLOTLIB}"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [["--text", "prose.txt"], []])
+def test_plot_needs_adapters_and_no_text_file(runs, args):
+    with pytest.raises(ValueError, match="give at least one and leave out --text"):
+        evaluate.parse_args(["--plot", "figs", *args] + (["--adapter", str(runs["lora"])] if args else []))
