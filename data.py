@@ -1,8 +1,10 @@
 """Tasks and datasets: the built-in arithmetic task, LLM-Adapters JSON/JSONL, prompts, answers.
 
 An Example is a question, the response a model should write (a worked solution ending
-"The answer is N."), and the gold answer. Training sees the chat prompt and learns only the
-response tokens; evaluation generates a response and compares the extracted answer.
+"The answer is N."), and the gold answer. Training sees the prompt (the model's chat template,
+or the Alpaca template LLM-Adapters uses) and learns only the response tokens; evaluation
+generates a response and compares the extracted answer. Plain text trains as fixed-length chunks
+in which every token is a target.
 """
 import functools
 import json
@@ -16,9 +18,10 @@ import torch
 
 @dataclass(frozen=True)
 class Example:
-    question: str  # what the user asks (instruction and input joined)
+    question: str  # what the user asks (LLM-Adapters' `instruction`)
     response: str  # the target completion
-    answer: str  # gold answer: a number ("12", "2.5") or an option letter ("C")
+    answer: str  # gold answer: a number ("12", "2.5"), an option letter ("C") or a keyword ("answer2")
+    input: str = ""  # LLM-Adapters' optional `input`: context that goes with the question
 
 
 class DataError(Exception):
@@ -153,26 +156,47 @@ def load_examples(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
             continue
         extra = rec.get("input")
-        question = rec["instruction"] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        extra = extra.strip() if isinstance(extra, str) else ""
         response, answer = rec.get("output"), rec.get("answer")
         if not isinstance(response, str):
             response = ""
         if answer is None or isinstance(answer, (dict, list)):
             answer = extract_answer(response) or ""
-        out.append(Example(question, response, str(answer).strip()))
+        out.append(Example(rec["instruction"], response, str(answer).strip(), extra))
     if not out:
         raise DataError(f"{path} has no usable records (each needs an 'instruction' string)")
     return out
 
 
-def load_split(source, split):
-    """Examples of `split` ("train" or "test") from None (the built-in task) or a .json/.jsonl file."""
-    if source is None:
-        return arithmetic(split)
+def load_sets(source, split):
+    """{set name: examples} of `split` ("train" or "test") from a .json/.jsonl file (one set, both
+    splits) or a directory in LLM-Adapters' layout: train.json, and test_<set>.json per test set."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"data source {path} does not exist")
-    return load_examples(path)
+    if not path.is_dir():
+        return {path.stem: load_examples(path)}
+    if split == "train":
+        return {"train": load_examples(path / "train.json")}
+    files = sorted(path.glob("test_*.json"), key=lambda f: _set_order(f.stem[len("test_"):]))
+    if not files:
+        raise DataError(f"{path} has no test_<set>.json files")
+    return {f.stem[len("test_"):]: load_examples(f) for f in files}
+
+
+MATH_SETS = ["svamp", "aqua", "addsub", "multiarith", "singleeq", "gsm8k"]  # the SARA paper's column order
+
+
+def _set_order(name):
+    return (MATH_SETS.index(name), "") if name in MATH_SETS else (len(MATH_SETS), name)
+
+
+def subset(examples, n, seed):
+    """n examples drawn with a fixed seed, in their original order; all of them when n is None."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -182,22 +206,55 @@ def need_tokenizer(tok):
         raise DataError("this model has no tokenizer: put tokenizer.json next to its weights")
 
 
-def encode(tok, ex, seq_len):
-    """(ids, targets): the chat prompt then the response; targets are -100 except on the response
+PROMPTS = ("chat", "alpaca")
+
+# The Alpaca template, as LLM-Adapters' finetune.py and evaluate.py wrap every example (quoted in
+# the SARA paper's Appendix A), without the stray indentation of their triple-quoted strings.
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{question}\n\n### Response:\n")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{question}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def prompt(tok, ex, style="chat"):
+    """Token ids of the prompt that ends where the response starts."""
+    if style == "alpaca":
+        return tok.encode((ALPACA_INPUT if ex.input else ALPACA).format(question=ex.question, input=ex.input))
+    if style != "chat":
+        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPTS)}")
+    return tok.prompt(ex.question + (f"\n\n{ex.input}" if ex.input else ""))
+
+
+def encode(tok, ex, seq_len, style="chat"):
+    """(ids, targets): the prompt then the response; targets are -100 except on the response
     tokens and the closing stop token, which the model must learn to emit."""
-    prompt = tok.prompt(ex.question)
+    head = prompt(tok, ex, style)
     response = tok.encode(ex.response) + tok.stop[:1]
-    ids = prompt + response
+    ids = head + response
     if len(ids) > seq_len + 1:
         return None
-    return ids[:-1], [-100] * (len(prompt) - 1) + response
+    return ids[:-1], [-100] * (len(head) - 1) + response
 
 
-def encode_all(tok, examples, seq_len):
-    encoded = [e for e in (encode(tok, ex, seq_len) for ex in examples) if e is not None]
+def encode_all(tok, examples, seq_len, style="chat"):
+    encoded = [e for e in (encode(tok, ex, seq_len, style) for ex in examples) if e is not None]
     if not encoded:
         raise DataError(f"no example fits --seq-len {seq_len}: raise it")
     return encoded
+
+
+def chunks(tok, texts, seq_len):
+    """Plain text as (ids, targets) pairs like encode's, with no prompt: windows of seq_len + 1
+    tokens that overlap by one (each token is a target exactly once); none crosses two texts."""
+    out = []
+    for text in texts:
+        ids = tok.encode(text)
+        windows = (ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len))
+        out += [(w[:-1], w[1:]) for w in windows]
+    if not out:
+        raise DataError("the text holds fewer than two tokens")
+    return out
 
 
 def collate(encoded):
@@ -236,13 +293,32 @@ def extract_answer(text):
 
 
 def extract_letter(text):
-    """The last option letter A-E standing alone in `text` (multiple choice, e.g. AQuA)."""
+    """The last option letter A-E standing alone in `text` (multiple choice, e.g. AQuA).
+    LLM-Adapters takes the first capital A-E anywhere, which reads "Answer: C" as A."""
     found = re.findall(r"\b([A-E])\b", text)
     return found[-1] if found else None
 
 
+# LLM-Adapters' commonsense answers: the first of the task's keywords anywhere in the output
+KEYWORDS = {"true": "true|false", "false": "true|false", "solution": "solution[12]",
+            "answer": "answer[1-5]", "ending": "ending[1-4]", "option": "option[12]"}
+
+
+def keyword_family(answer):
+    """The keyword pattern a commonsense answer belongs to ("answer3" -> "answer[1-5]"), or None."""
+    return KEYWORDS.get(answer.rstrip("0123456789")) if re.fullmatch(r"true|false|[a-z]+\d", answer) else None
+
+
+def extract_keyword(text, pattern):
+    found = re.search(pattern, text)
+    return found.group(0) if found else None
+
+
 def is_correct(completion, answer):
-    """Numbers match within 0.001; option letters match exactly."""
+    """Numbers match within 0.001; option letters and commonsense keywords match exactly."""
+    family = keyword_family(answer)
+    if family:
+        return extract_keyword(completion, family) == answer
     if re.fullmatch(r"[A-E]", answer):
         return extract_letter(completion) == answer
     pred = extract_answer(completion)

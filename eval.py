@@ -2,6 +2,8 @@
 
     python eval.py --adapter out/lora out/sora            # accuracy on the built-in task's test split
     python eval.py --data test.json --limit 100 --json results.json
+    python eval.py --data ../shared/data/sara-math --adapter out/sara   # a column per test_<set>.json
+    python eval.py --task commonsense --limit 100 --adapter out/lora    # see benchmarks.py
     python eval.py --text prose.txt --adapter out/lora    # perplexity of a plain-text file
     python eval.py --adapter runs/* --limit 200 --markdown # also print the README's results table
     python eval.py --plot figs --adapter runs/*           # figures (plots.py) instead of evaluating
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import benchmarks
 import data
 import methods
 import models
@@ -28,57 +31,79 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT LoRA adapters")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file (default: the built-in task)")
-    p.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file, or a directory of "
+                        "test_<set>.json files (default: the built-in task)")
+    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py)")
+    source.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy")
+    p.add_argument("--limit", type=int, default=None, help="N examples per test set, a seeded sample (the "
+                   "built-in task: its first N); with perplexity, the first N windows of each text")
+    p.add_argument("--prompt", choices=data.PROMPTS, default=None, help="prompt template (default: the one "
+                   "the adapters were trained with, else the data's: chat for the built-in task, alpaca otherwise)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's row")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="(default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",
                    help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB})")
     args = p.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = benchmarks.default_max_new_tokens(args.data, args.task)
     if args.plot:
-        if args.text or not args.adapter:
-            raise ValueError("--plot draws the figures of the --adapter directories over the test examples: "
-                             "give at least one and leave out --text")
+        if args.text or args.task == "shakespeare" or not args.adapter:
+            raise ValueError("--plot draws the figures of the --adapter directories over test examples: "
+                             "give at least one and leave out --text and --task shakespeare")
         plots.pyplot()  # a missing matplotlib fails before the model loads
     for name in ("batch_size", "max_new_tokens", "seq_len"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.limit is not None and args.limit <= 0:
         raise ValueError("--limit must be positive")
-    for d in args.adapter:  # fail before the model loads
-        methods.read_config(d)
+    configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
+    args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
 
 
-def accuracy(model, tok, examples, batch_size, max_new_tokens):
+def trained_prompt(configs):
+    """The prompt template the adapters were trained with (train.py records it), so that every row
+    of the table, the base model's too, sees the prompts the adapters learnt on."""
+    styles = {c.get("train_args", {}).get("prompt") for c in configs} - {None}
+    if len(styles) > 1:
+        raise ValueError(f"the adapters were trained with different prompt templates ({', '.join(sorted(styles))}): "
+                         "evaluate them separately or pass --prompt")
+    return styles.pop() if styles else None
+
+
+def accuracy(model, tok, examples, style, batch_size, max_new_tokens):
     """Share of examples whose generated answer matches the gold one."""
     order = sorted(examples, key=lambda ex: len(ex.question))  # similar lengths batch with less padding
     correct = 0
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        outs = model.generate([tok.prompt(ex.question) for ex in chunk], max_new_tokens, stop_tokens=tok.stop)
+        outs = model.generate([data.prompt(tok, ex, style) for ex in chunk], max_new_tokens, stop_tokens=tok.stop)
         correct += sum(data.is_correct(tok.decode(out), ex.answer) for ex, out in zip(chunk, outs))
     return correct / len(examples)
 
 
 @torch.no_grad()
-def perplexity(model, tok, text, seq_len):
-    """exp(mean next-token loss) over consecutive windows of the text."""
-    ids = tok.encode(text)
-    if len(ids) < 2:
-        raise data.DataError("the text file holds fewer than two tokens")
-    total, count = 0.0, 0
-    for s in range(0, len(ids) - 1, seq_len):
-        chunk = torch.tensor([ids[s:s + seq_len + 1]])
-        n = chunk.size(1) - 1
-        total += model.loss(chunk[:, :-1], chunk[:, 1:]).item() * n
-        count += n
-    return math.exp(total / count)
+def perplexity(model, tok, texts, seq_len, batch_size, limit=None):
+    """exp(mean next-token loss) over consecutive windows of each text (its first `limit`):
+    ({name: perplexity}, the perplexity over every window of every text)."""
+    per_text, total, count = {}, 0.0, 0
+    for name, text in texts.items():
+        windows = data.chunks(tok, [text], seq_len)[:limit]
+        nll, n = 0.0, 0
+        for s in range(0, len(windows), batch_size):
+            x, y = data.collate(windows[s:s + batch_size])
+            k = int((y != -100).sum())
+            nll += model.loss(x, y).item() * k
+            n += k
+        per_text[name] = math.exp(nll / n)
+        total, count = total + nll, count + n
+    return per_text, math.exp(total / count)
 
 
 def with_adapter(base, adapter_dir):
@@ -101,12 +126,15 @@ def main(argv=None):
     base_params = sum(p.numel() for p in base.parameters())
     if args.text:
         try:
-            text = Path(args.text).read_text(encoding="utf-8")
+            texts = {Path(args.text).stem: Path(args.text).read_text(encoding="utf-8")}
         except (OSError, UnicodeDecodeError) as e:
             raise data.DataError(f"cannot read {args.text}: {e}") from None
+    elif args.task == "shakespeare":
+        texts = benchmarks.shakespeare("test")
     else:
-        examples = data.load_split(args.data, "test")[:args.limit]
+        texts, sets = None, benchmarks.sets(args.data, args.task, "test", args.limit)
     if args.plot:
+        examples = [ex for examples in sets.values() for ex in examples]
         model_name = Path(models.resolve(args.model)).stem
         for path in plots.write_all(args.plot, base, tok, args.adapter, examples, model_name):
             print(f"wrote {path}")
@@ -119,12 +147,17 @@ def main(argv=None):
         t = time.time()
         row = {"name": name, "method": method, "trainable_params": trainable,
                "share": 100 * trainable / base_params, **({} if adapter_dir is None else plots.run_facts(adapter_dir))}
-        if args.text:
-            row["perplexity"] = perplexity(model, tok, text, args.seq_len)
+        if texts:
+            row["sets"], row["perplexity"] = perplexity(model, tok, texts, args.seq_len, args.batch_size, args.limit)
         else:
-            row["accuracy"] = accuracy(model, tok, examples, args.batch_size, args.max_new_tokens)
-            row["n"] = len(examples)
-        row["seconds"] = round(time.time() - t, 1)
+            row["sets"] = {s: accuracy(model, tok, examples, args.prompt, args.batch_size, args.max_new_tokens)
+                           for s, examples in sets.items()}
+            row["accuracy"] = sum(row["sets"].values()) / len(sets)  # the papers' Avg.: every set weighs the same
+            row["n"] = sum(len(examples) for examples in sets.values())
+        seconds = time.time() - t
+        row["seconds"] = round(seconds, 1)
+        if "n" in row:
+            row["examples_per_s"] = round(row["n"] / seconds, 2)
         rows.append(row)
         print_row(row, first=len(rows) == 1)
     if args.json:
@@ -135,12 +168,20 @@ def main(argv=None):
 
 
 def print_row(row, first):
+    """One table row; with several test sets, a column each and then their average (or, for
+    perplexity, the perplexity over all of them), as the papers' tables have."""
     metric = "perplexity" if "perplexity" in row else "accuracy"
+    sets = row["sets"] if len(row["sets"]) > 1 else {}
+    columns = [*sets, "all" if metric == "perplexity" else "avg"] if sets else [metric]
+    values = [*sets.values(), row[metric]]
+    widths = [max(7, len(c)) for c in columns]
     if first:
-        print(f"{'name':<16} {'method':<8} {'trainable':>10} {'% of base':>9} {metric:>10} {'seconds':>8}")
-    value = f"{row['perplexity']:.3f}" if metric == "perplexity" else f"{100 * row['accuracy']:.1f}%"
+        heads = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
+        print(f"{'name':<16} {'method':<8} {'trainable':>10} {'% of base':>9} {heads} {'seconds':>8}")
+    shown = [f"{v:.3f}" if metric == "perplexity" else f"{100 * v:.1f}%" for v in values]
+    cells = " ".join(f"{v:>{w}}" for v, w in zip(shown, widths))
     print(f"{row['name']:<16} {row['method']:<8} {row['trainable_params']:>10,} {row['share']:>9.4f} "
-          f"{value:>10} {row['seconds']:>8}", flush=True)
+          f"{cells} {row['seconds']:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ NAMES = {"lora": "LoRA", "sara": "SARA", "mosara": "Mo-SARA", "sora": "SoRA", "a
          "alora": "ALoRA", "salora": "SaLoRA"}
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.5)  # SARA's sweep (its paper's Fig. 2), plus the adapter's own
 ROUTER_EXAMPLES = 8
-NOT_RECIPE = {"method", "out", "model", "data", "resume", "save_every", "log_every", "device"}  # not the recipe
+NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}  # not the recipe
 
 
 def pyplot():
@@ -128,11 +128,11 @@ def sara_sweep(base, targets, thresholds):
 
 
 @torch.no_grad()
-def router_means(model, tok, examples):
+def router_means(model, tok, examples, style="chat"):
     """{module: [mean gate per head]} of a Mo-SARA model over the prompt and response tokens of each
     example, averaged over the examples (one forward each: no padding tokens in the means)."""
     mosara = methods.get("mosara")
-    encoded = data.encode_all(tok, examples, model.cfg.max_seq_len)
+    encoded = data.encode_all(tok, examples, model.cfg.max_seq_len, style)
     total = {}
     for ids, _ in encoded:
         model(torch.tensor([ids]))
@@ -288,7 +288,8 @@ def adapter_figures(out, base, tok, adapter_dir, examples, model_name):
     if kind == "mosara":
         examples = examples[:ROUTER_EXAMPLES]
         written.append(out / f"router_{name}.png")
-        gates = by_layer(router_means(model, tok, examples), targets)
+        style = meta.get("train_args", {}).get("prompt") or "chat"  # the prompts it was trained on
+        gates = by_layer(router_means(model, tok, examples, style), targets)
         router_heatmap(gates, f"{who}: mean router gate per head, over {len(examples)} test examples\n{model_name}",
                        written[-1])
     return written
@@ -326,17 +327,21 @@ COLUMNS = ("method", "trainable params", "% of base", "final total rank", "{metr
 
 
 def markdown_table(rows):
-    """eval.py's rows as the README's results table (header, rule, one line per row)."""
+    """eval.py's rows as the README's results table (header, rule, one line per row); with several
+    test sets, a column per set and then their average, as the papers' tables have."""
     metric = "perplexity" if rows and "perplexity" in rows[0] else "accuracy"
-    head = [c.format(metric=metric) for c in COLUMNS]
+    sets = list(rows[0]["sets"]) if rows and len(rows[0].get("sets", {})) > 1 else []
+    shown = (lambda v: f"{v:.3f}") if metric == "perplexity" else (lambda v: f"{100 * v:.1f}%")
+    scores = [*sets, "all" if metric == "perplexity" else "avg"] if sets else [metric]
+    head = [*COLUMNS[:4], *scores, COLUMNS[5]]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for row in rows:
         name = "base model" if row["method"] == "base" else NAMES.get(row["method"], row["method"])
         if row.get("flags"):
             name += f" `{row['flags']}`"
-        value = f"{row['perplexity']:.3f}" if metric == "perplexity" else f"{100 * row['accuracy']:.1f}%"
+        values = [shown(row["sets"][s]) for s in sets] + [shown(row[metric])]
         rank = f"{row['total_rank']:,}" if "total_rank" in row else "–"
         seconds = train.fmt_time(row["train_seconds"]) if "train_seconds" in row else "–"
-        cells = [name, f"{row['trainable_params']:,}", f"{row['share']:.3f}", rank, value, seconds]
+        cells = [name, f"{row['trainable_params']:,}", f"{row['share']:.3f}", rank, *values, seconds]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -2,6 +2,8 @@
 
     python train.py --method sora --rmax 16                  # the default model and built-in task
     python train.py --method lora --model DIR --data train.json --steps 1000 --out out/mine
+    python train.py --method sara --data ../shared/data/sara-math --seq-len 512   # LLM-Adapters layout
+    python train.py --method lora --task commonsense --limit 500                 # see benchmarks.py
 
 Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` after
 `--method NAME` lists them. Writes into --out (default out/METHOD): adapter.safetensors,
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import benchmarks
 import data
 import methods
 import models
@@ -58,7 +61,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="lora", choices=methods.NAMES)
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl training file (default: the built-in task)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl file, or a directory holding "
+                        "train.json (default: the built-in task)")
+    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py)")
+    p.add_argument("--limit", type=int, default=None, help="train on a seeded sample of N examples per set "
+                   "(per task with --task commonsense; chunks with --task shakespeare)")
+    p.add_argument("--prompt", choices=data.PROMPTS, default=None, help="prompt template (default: chat for "
+                   "the built-in task, LLM-Adapters' alpaca for --data and --task commonsense)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -86,6 +96,9 @@ def parse_args(argv):
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
     args.out = Path(args.out or f"out/{args.method}")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     return args, method, method.Config(**cfg_kwargs)
@@ -104,14 +117,14 @@ def lr_lambda(args):
 
 def load_data(args, tok):
     data.need_tokenizer(tok)
-    train = data.load_split(args.data, "train")
-    if args.data is None:
-        val = data.arithmetic("val", args.val_size)
-    else:  # hold out the last examples of the file; they never train
+    train = benchmarks.train_set(tok, args.data, args.task, args.prompt, args.seq_len, args.limit, args.seed)
+    if args.data is None and args.task is None:
+        val = data.encode_all(tok, data.arithmetic("val", args.val_size), args.seq_len, args.prompt)
+    else:  # hold out the last examples; they never train
         if len(train) <= args.val_size:
-            raise data.DataError(f"{args.data} has {len(train)} examples: fewer than --val-size + 1")
+            raise data.DataError(f"{args.data or args.task} has {len(train)} usable examples: fewer than --val-size + 1")
         train, val = train[:-args.val_size], train[-args.val_size:]
-    return data.encode_all(tok, train, args.seq_len), data.collate(data.encode_all(tok, val, args.seq_len))
+    return train, data.collate(val)
 
 
 def val_closure(model, val_batch):

@@ -66,7 +66,7 @@ def test_load_llm_adapters_json_and_jsonl(tmp_path):
     for f in ("d.json", "d.jsonl"):
         ex = data.load_examples(tmp_path / f)
         assert len(ex) == 2
-        assert ex[1].question == "Pick one.\n\nA) x B) y" and ex[1].answer == "B"
+        assert (ex[1].question, ex[1].input, ex[1].answer) == ("Pick one.", "A) x B) y", "B")
 
 
 @settings(max_examples=50)
@@ -108,3 +108,86 @@ def test_batches_are_a_pure_function_of_index():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     seen = torch.cat(a[:2] + [a[2][:2]])[:, 0].tolist()  # the first epoch: each example once
     assert sorted(seen) == list(range(10))
+
+
+def test_prompt_templates():
+    """Alpaca as LLM-Adapters wraps examples (with and without an input); chat joins the input."""
+    tok = byte_tokenizer()
+    plain = data.Example("Add 2 and 3.", "2 + 3 = 5. The answer is 5.", "5")
+    extra = data.Example("Pick one.", "The answer is B", "B", input="A) x B) y")
+    assert tok.decode(data.prompt(tok, plain, "alpaca")) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
+    assert tok.decode(data.prompt(tok, extra, "alpaca")) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nPick one.\n\n"
+        "### Input:\nA) x B) y\n\n### Response:\n")
+    assert data.prompt(tok, extra, "chat") == tok.prompt("Pick one.\n\nA) x B) y")
+    ids, targets = data.encode(tok, plain, 512, "alpaca")
+    assert [t for t in targets if t != -100] == tok.encode(plain.response) + [257]
+    assert ids[:len(data.prompt(tok, plain, "alpaca"))] == data.prompt(tok, plain, "alpaca")
+    with pytest.raises(ValueError, match="prompt style"):
+        data.prompt(tok, plain, "llama2")
+
+
+@settings(max_examples=100)
+@given(st.lists(st.text(alphabet="ab \n", max_size=40), min_size=1, max_size=4), st.integers(1, 9))
+def test_text_chunks_make_every_token_a_target_once(texts, seq_len):
+    tok = byte_tokenizer()
+    if all(len(t) < 2 for t in texts):
+        with pytest.raises(data.DataError):
+            data.chunks(tok, texts, seq_len)
+        return
+    pairs = iter(data.chunks(tok, texts, seq_len))
+    for text in texts:  # windows come text by text, none crossing two
+        ids = tok.encode(text)
+        seen = []
+        for _ in range(-(-(len(ids) - 1) // seq_len)):
+            x, y = next(pairs)
+            assert len(x) == len(y) <= seq_len and x[1:] == y[:-1]
+            assert x[0] == ids[len(seen)]
+            seen += y
+        assert seen == ids[1:]
+    assert next(pairs, None) is None
+
+
+@given(st.lists(st.integers(0, 99), max_size=30, unique=True), st.integers(0, 40), st.integers(0, 3))
+def test_subset_is_seeded_and_keeps_order(items, n, seed):
+    got = data.subset(items, n, seed)
+    assert got == data.subset(items, n, seed) and len(got) == min(n, len(items))
+    assert got == [x for x in items if x in set(got)]  # original order
+    assert data.subset(items, None, seed) == items
+
+
+KEYWORD_SETS = [["true", "false"], ["solution1", "solution2"], ["answer1", "answer2", "answer3", "answer4", "answer5"],
+                ["ending1", "ending2", "ending3", "ending4"], ["option1", "option2"]]
+
+
+@given(st.sampled_from(KEYWORD_SETS).flatmap(lambda ks: st.lists(st.sampled_from(ks), min_size=1, max_size=4)),
+       st.text(alphabet=" .,!?\n", max_size=5))
+def test_first_commonsense_keyword_wins(said, sep):
+    text = "the correct answer is " + sep.join(said)
+    assert data.is_correct(text, said[0])
+    assert not any(data.is_correct(text, k) for k in set(said) - {said[0]})
+
+
+@given(st.sampled_from([k for ks in KEYWORD_SETS for k in ks]), st.text(alphabet="xyz .,!?\n", max_size=30))
+def test_no_keyword_is_wrong(answer, text):
+    assert not data.is_correct(text, answer)
+
+
+@pytest.mark.parametrize("text,answer,ok", [
+    ("the correct answer is true", "true", True),
+    ("false, though true at first", "true", False),  # the first keyword, not the last
+    ("The correct answer is Answer2", "answer2", False),  # case matters, as in LLM-Adapters
+    ("ending5 is not a choice; ending2", "ending2", True),  # only the task's keywords count
+    ("solution2solution1", "solution2", True),
+    ("untrue", "true", True),  # a keyword inside a word counts, as in LLM-Adapters
+    ("Rationale: 0.56 + 0.74 = 1.30. The answer is (B).", "B", True),
+    ("Answer: C", "C", True),  # LLM-Adapters' first-capital rule would read A here
+    ("He pays $1,250.50 in all.", "1250.5", True),
+    ("The answer is 480.0", "480", True),
+    ("The answer is 480.0", "480.01", False),
+])
+def test_tricky_benchmark_answers(text, answer, ok):
+    assert data.is_correct(text, answer) is ok

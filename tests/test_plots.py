@@ -96,7 +96,7 @@ def test_router_heatmap_gets_mean_gates_of_the_test_prompts(plotted, runs, tiny_
     assert len(gates) == 4 and all(len(g) == 3 for g in gates)  # 2 layers x (q, v), --heads 3
     assert all(abs(sum(g) - 1) < 1e-5 for g in gates)  # means of softmax gates
     model, tok = loaded(tiny_checkpoint, runs["mosara"])
-    ex = data.load_split(None, "test")[0]
+    ex = data.arithmetic("test", 1)[0]
     one = plots.router_means(model, tok, [ex])
     model(torch.tensor([data.encode(tok, ex, 512)[0]]))  # the same forward, read directly
     assert one == methods.get("mosara").router_weights(model)
@@ -183,3 +183,14 @@ def test_without_matplotlib_plot_is_one_line_and_exit_2(tmp_path):
 def test_plot_needs_adapters_and_no_text_file(runs, args):
     with pytest.raises(ValueError, match="give at least one and leave out --text"):
         evaluate.parse_args(["--plot", "figs", *args] + (["--adapter", str(runs["lora"])] if args else []))
+
+
+def test_markdown_has_a_column_per_test_set_then_the_average():
+    rows = [{"name": "base", "method": "base", "trainable_params": 0, "share": 0.0,
+             "sets": {"svamp": 0.25, "aqua": 0.5}, "accuracy": 0.375},
+            {"name": "sora", "method": "sora", "trainable_params": 1234, "share": 0.01, "flags": "--lam 3",
+             "total_rank": 7, "train_seconds": 61.2, "sets": {"svamp": 0.5, "aqua": 1.0}, "accuracy": 0.75}]
+    table = plots.markdown_table(rows)
+    assert table[0] == "| method | trainable params | % of base | final total rank | svamp | aqua | avg | train time |"
+    assert table[2] == "| base model | 0 | 0.000 | – | 25.0% | 50.0% | 37.5% | – |"
+    assert table[3] == "| SoRA `--lam 3` | 1,234 | 0.010 | 7 | 50.0% | 100.0% | 75.0% | 1m01s |"

