@@ -51,7 +51,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import methods
 import models
 import train
@@ -527,8 +526,4 @@ def report(res):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, models.LoadError, data.DataError, methods.AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train.cli(main)

@@ -25,6 +25,7 @@ import data
 import methods
 import models
 import plots
+import train
 
 
 def parse_args(argv):
@@ -185,8 +186,4 @@ def print_row(row, first):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, models.LoadError, data.DataError, methods.AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train.cli(main)

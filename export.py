@@ -26,6 +26,7 @@ from pathlib import Path
 
 import methods
 import models
+import train
 from models.tokenizer import gguf_to_hf
 from models.weights import gguf_fields, hf_config, hf_lora, hf_state_dict
 
@@ -170,8 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, models.LoadError, methods.AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train.cli(main)

@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# The README's results table from scratch: train every row's run into out/results/NAME, then one
-# eval.py call that evaluates them all on the same 200 test problems and prints the table rows.
+# The README's results tables from scratch: train every row's run into out/results[-BENCH]/NAME, then
+# one eval.py call that evaluates them all (and the base model) on the same test examples and
+# prints the table rows.
 #
-#   bash results.sh     # in the quick start's venv: ~70 min of training, ~13 min of evaluation on 2 CPU cores
+#   bash results.sh               # the built-in task: ~70 min of training, ~13 min of evaluation on 2 CPU cores
+#   bash results.sh math          # SARA's Table 1 at small scale: 60 steps on its math split, 20 problems per set
+#   bash results.sh commonsense   # SARA's Table 2 at small scale: 60 per task to train on, 25 per task to test
 #
+# math reads $MATH_DATA (default ../shared/data/sara-math: any directory in LLM-Adapters' layout).
 # A run that already has its summary.json is kept, so a stopped script picks up where it left off.
 # The flags here are each row's; the table's first column repeats those that differ from defaults.
 set -euo pipefail
 cd "$(dirname "$0")"
-out=out/results
+case "${1:-builtin}" in
+    builtin)
+        out=out/results
+        train=()
+        test=(--limit 200)
+        alora=(--rounds 3 --k2 10 --score-frac 0.125 --val-size 4) ;;
+    math)
+        out=out/results-math
+        train=(--data "${MATH_DATA:-../shared/data/sara-math}" --steps 60 --seq-len 512)
+        test=(--data "${MATH_DATA:-../shared/data/sara-math}" --limit 20)
+        alora=(--rounds 3 --k2 5 --score-frac 0.125 --val-size 4) ;;
+    commonsense)
+        out=out/results-commonsense
+        train=(--task commonsense --limit 60 --steps 60)
+        test=(--task commonsense --limit 25)
+        alora=(--rounds 3 --k2 5 --score-frac 0.125 --val-size 4) ;;
+    *)
+        echo "usage: bash results.sh [builtin|math|commonsense]" >&2
+        exit 2 ;;
+esac
 names=()
 run() {  # run NAME TRAIN_FLAGS...
     local name=$1
     shift
     names+=("$out/$name")
-    [ -f "$out/$name/summary.json" ] || python train.py --out "$out/$name" "$@"
+    [ -f "$out/$name/summary.json" ] || python train.py --out "$out/$name" "${train[@]}" "$@"
 }
 run lora --method lora
-run lora16 --method lora --r 16 --alpha 32
+[ "${1:-builtin}" != builtin ] || run lora16 --method lora --r 16 --alpha 32
 run sara --method sara
 run mosara --method mosara --lr 3e-2
 run sora --method sora
 run adalora --method adalora
-run alora --method alora --rounds 3 --k2 10 --score-frac 0.125 --val-size 4
+run alora --method alora "${alora[@]}"
 run salora --method salora
-python eval.py --adapter "${names[@]}" --limit 200 --json "$out/results.json" --markdown
+python eval.py --adapter "${names[@]}" "${test[@]}" --json "$out/results.json" --markdown

@@ -368,9 +368,17 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError)
+
+
+def cli(main):
+    """Run a script's main(): bad input ends with its one-sentence message on stderr and exit status 2."""
     try:
         main()
-    except (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)
