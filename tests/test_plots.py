@@ -147,6 +147,35 @@ def test_flags_are_the_non_defaults_and_train_the_same_run(runs):
     assert plots.train_flags(methods.read_config(runs["sora"])) == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
 
 
+@pytest.mark.parametrize("bench", ["builtin", "math", "commonsense", "shakespeare"])
+def test_results_sh_gives_the_clis_flags_they_accept(bench, tmp_path):
+    """Every train.py and eval.py call of `bash results.sh BENCH`, recorded by a stand-in `python`."""
+    (tmp_path / "bin").mkdir()
+    shim = tmp_path / "bin" / "python"
+    shim.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(tmp_path / 'calls.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    shim.chmod(0o755)
+    (tmp_path / "results.sh").write_text((ROOT / "results.sh").read_text())
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "MATH_DATA": "math-dir"}
+    subprocess.run(["bash", str(tmp_path / "results.sh"), bench], env=env, check=True)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    *trains, last = calls
+    assert len(trains) == (8 if bench == "builtin" else 1 if bench == "shakespeare" else 7)
+    for argv in trains:
+        assert argv[0] == "train.py"
+        train.parse_args(argv[1:])
+    assert last[0] == "eval.py"
+    at = last.index("--adapter")
+    adapters = last[at + 1:at + 1 + len(trains)]
+    assert adapters == [argv[argv.index("--out") + 1] for argv in trains]
+    evaluate.parse_args(last[1:at] + last[at + 1 + len(trains):])
+
+
+def test_results_sh_refuses_an_unknown_benchmark():
+    done = subprocess.run(["bash", str(ROOT / "results.sh"), "gsm9k"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("usage: bash results.sh") and not done.stdout
+
+
 @given(st.dictionaries(st.tuples(st.sampled_from("qvo"), st.integers(0, 40)), st.integers(0, 99), min_size=1))
 def test_by_layer_places_every_value_once(cells):
     table = {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "k": "self_attn.k_proj"}  # no "o": named as is
