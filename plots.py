@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import benchmarks
 import data
 import methods
 import train
@@ -73,7 +74,8 @@ def train_flags(meta):
     plain_args, method, plain_cfg = train.parse_args(["--method", name])
     # the default warmup follows --steps: compare it with the default of a run this long
     same_length = vars(train.parse_args(["--method", name, "--steps", str(given.get("steps", plain_args.steps))])[0])
-    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg)}
+    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg),
+                "prompt": benchmarks.default_prompt(given.get("data"), given.get("task"))}  # the data's own template
     cfg = dataclasses.asdict(methods.config_from_dict(method, meta["config"]))
     flags = []
     for key, value in {**given, **cfg}.items():

@@ -1,4 +1,5 @@
 """eval.py --plot and --markdown (plots.py) on adapters trained for a few steps on a tiny checkpoint."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -145,6 +146,17 @@ def test_flags_are_the_non_defaults_and_train_the_same_run(runs):
     recipe = set(vars(args)) - plots.NOT_RECIPE - set(meta["config"])
     assert {k: meta["train_args"][k] for k in recipe} == {k: vars(args)[k] for k in recipe}
     assert plots.train_flags(methods.read_config(runs["sora"])) == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
+
+
+@pytest.mark.parametrize("data_flags, prompt, shown", [
+    ([], "chat", ""), ([], "alpaca", "--prompt alpaca"),
+    (["--task", "commonsense"], "alpaca", ""), (["--task", "commonsense"], "chat", "--prompt chat"),
+    (["--data", "math"], "alpaca", ""), (["--task", "shakespeare"], None, ""),
+])
+def test_the_prompt_is_a_flag_only_where_it_is_not_the_datas_own(data_flags, prompt, shown):
+    args, _, cfg = train.parse_args(["--method", "lora", *data_flags, *(["--prompt", prompt] if prompt else [])])
+    meta = {"method": "lora", "config": dataclasses.asdict(cfg), "train_args": {**vars(args), "out": str(args.out)}}
+    assert plots.train_flags(meta) == shown
 
 
 @pytest.mark.parametrize("bench", ["builtin", "math", "commonsense", "shakespeare"])
