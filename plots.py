@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-import benchmarks
 import data
 import methods
 import train
@@ -71,11 +70,12 @@ def series(log, key):
 def train_flags(meta):
     """The train.py flags of a run that differ from their defaults, as one would type them."""
     name, given = meta["method"], meta.get("train_args", {})
-    plain_args, method, plain_cfg = train.parse_args(["--method", name])
+    # defaults on the run's own data: the prompt template follows --data and --task
+    context = ["--method", name, *(f for k in ("data", "task") if given.get(k) for f in (f"--{k}", str(given[k])))]
+    plain_args, method, plain_cfg = train.parse_args(context)
     # the default warmup follows --steps: compare it with the default of a run this long
-    same_length = vars(train.parse_args(["--method", name, "--steps", str(given.get("steps", plain_args.steps))])[0])
-    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg),
-                "prompt": benchmarks.default_prompt(given.get("data"), given.get("task"))}  # the data's own template
+    same_length = vars(train.parse_args([*context, "--steps", str(given.get("steps", plain_args.steps))])[0])
+    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg)}
     cfg = dataclasses.asdict(methods.config_from_dict(method, meta["config"]))
     flags = []
     for key, value in {**given, **cfg}.items():

@@ -6,7 +6,7 @@
 #   bash results.sh               # the built-in task: ~70 min of training, ~13 min of evaluation on 2 CPU cores
 #   bash results.sh math          # SARA's Table 1 at small scale: 40 steps on its math split, 20 problems per set
 #   bash results.sh commonsense   # SARA's Table 2 at small scale: 40 per task to train on, 25 per task to test
-#   bash results.sh shakespeare   # LoRA adapted on 33 plays for 200 steps: perplexity on 4 held-out plays (20 windows each), before and after
+#   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after
 #
 # math reads $MATH_DATA (default ../shared/data/sara-math: any directory in LLM-Adapters' layout).
 # A run that already has its summary.json is kept, so a stopped script picks up where it left off.
