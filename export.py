@@ -28,7 +28,7 @@ import methods
 import models
 import train
 from models.tokenizer import gguf_to_hf
-from models.weights import gguf_fields, hf_config, hf_lora, hf_state_dict
+from models.weights import gguf_fields, gguf_reader, hf_config, hf_lora, hf_state_dict
 
 FORMATS = ("peft", "hf", "merged")
 DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub name of the default model
@@ -113,9 +113,7 @@ def write_hf(out, model, source):
             if (path / name).exists():
                 shutil.copyfile(path / name, out / name)
     else:
-        import gguf
-
-        fields = gguf_fields(gguf.GGUFReader(str(path)))
+        fields = gguf_fields(gguf_reader(path))
         if "tokenizer.ggml.tokens" in fields:
             for name, obj in gguf_to_hf(fields).items():
                 methods.write_json(out / name, obj)

@@ -44,10 +44,25 @@ def unpermute(w, n_head):
     return w.reshape(n_head, out // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path):
+def gguf_reader(path):
+    """gguf.GGUFReader whose reads past the end of the file fail: gguf's own come back empty, so
+    an array header that promises 2**40 items at the end of a file loops (and allocates) forever."""
     import gguf  # only needed for this format
 
-    reader = gguf.GGUFReader(str(path))
+    class Reader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            arr = super()._get(offset, dtype, count, override_order)
+            if len(arr) < int(count):
+                raise ValueError(f"truncated at byte {offset}")
+            return arr
+
+    return Reader(str(path))
+
+
+def read_gguf(path):
+    import gguf
+
+    reader = gguf_reader(path)
     fields = gguf_fields(reader)
     arch = fields.get("general.architecture")
     if arch != "llama":

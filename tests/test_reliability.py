@@ -3,6 +3,7 @@ loaders, one-sentence errors, and torchrun data parallel equal to one process.""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -187,6 +188,15 @@ def test_fuzz_gguf_bytes(tmp_path, blob):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF" + blob)
     with pytest.raises(models.LoadError):
+        models.load(path)
+
+
+@pytest.mark.parametrize("item_type", [0, 8, 9])  # uint8, string, array: each read past the end of the file
+def test_a_gguf_array_longer_than_its_file_is_refused_not_looped_over(tmp_path, item_type):
+    """gguf's reader returns empty reads past the end, so a promised 2**40 items once ran forever."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1) + b"a" + struct.pack("<IIQ", 9, item_type, 2**40))
+    with pytest.raises(models.LoadError, match="truncated"):
         models.load(path)
 
 
