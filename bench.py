@@ -44,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import methods
 import models
 import train
@@ -219,6 +221,14 @@ def frozen_variant(base, batch):
     return Variant(model, step)
 
 
+# the hooks for an adapter that is not one of ours (peft's): a plain loop, no method work
+PLAIN_HOOKS = types.SimpleNamespace(
+    param_groups=lambda model, lr, wd: [{"params": [p for p in model.parameters() if p.requires_grad],
+                                         "lr": lr, "weight_decay": wd}],
+    extra_loss=lambda model: torch.zeros(()), after_backward=lambda model, step, total_steps: None,
+    after_step=lambda model, opt, step, total_steps, val_loss=None: {})
+
+
 def trained_variant(model, method, batch):
     """model (adapter applied) trained by train.train_step at STEP of TOTAL_STEPS."""
     model.train()
@@ -288,7 +298,7 @@ def peft_variant(hf, batch):
         hf = peft.get_peft_model(hf, peft.LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
             target_modules=[models.Llama.TARGETS[t].rpartition(".")[2] for t in cfg.targets]))
-    return trained_variant(HFLoss(hf), lora, batch)  # LoRA's hooks: the loss is the task loss alone
+    return trained_variant(HFLoss(hf), PLAIN_HOOKS, batch)  # the loss is the task loss alone
 
 
 @torch.no_grad()
@@ -394,11 +404,8 @@ def parse_args(argv):
     for name, default in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    cli.positive(args, *quick, "threads")
     if args.threads is not None:
-        if args.threads <= 0:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -526,4 +533,4 @@ def report(res):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    cli.run(main)

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 import benchmarks
+import cli
 import data
 import methods
 import models
 import plots
-import train
 
 
 def parse_args(argv):
@@ -58,11 +58,7 @@ def parse_args(argv):
             raise ValueError("--plot draws the figures of the --adapter directories over test examples: "
                              "give at least one and leave out --text and --task shakespeare")
         plots.pyplot()  # a missing matplotlib fails before the model loads
-    for name in ("batch_size", "max_new_tokens", "seq_len"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if args.limit is not None and args.limit <= 0:
-        raise ValueError("--limit must be positive")
+    cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit")
     configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
@@ -108,16 +104,15 @@ def perplexity(model, tok, texts, seq_len, batch_size, limit=None):
 
 
 def with_adapter(base, adapter_dir):
-    """A copy of the base model with the adapter loaded (merged when the method allows)."""
-    model = copy.deepcopy(base)
-    methods.load_adapter(model, adapter_dir)
+    """(a copy of the base model with the adapter loaded, merged when the method allows; its
+    trainable count; its config.json)."""
+    model, meta = methods.load_adapter(copy.deepcopy(base), adapter_dir)
     trainable = sum(t.numel() for k, t in model.named_parameters() if "lora_" in k)
-    name = methods.read_config(adapter_dir)["method"]
     try:
-        methods.get(name).merge(model)
+        methods.get(meta["method"]).merge(model)
     except ValueError:  # input-dependent adapters (Mo-SARA with several heads) stay unmerged
         pass
-    return model.eval(), trainable, name
+    return model.eval(), trainable, meta
 
 
 def main(argv=None):
@@ -144,10 +139,10 @@ def main(argv=None):
     candidates = ([] if args.no_base else [("base", None)]) + [(Path(d).name, d) for d in args.adapter]
     rows = []
     for name, adapter_dir in candidates:
-        model, trainable, method = (base, 0, "base") if adapter_dir is None else with_adapter(base, adapter_dir)
+        model, trainable, meta = (base, 0, None) if adapter_dir is None else with_adapter(base, adapter_dir)
         t = time.time()
-        row = {"name": name, "method": method, "trainable_params": trainable,
-               "share": 100 * trainable / base_params, **({} if adapter_dir is None else plots.run_facts(adapter_dir))}
+        row = {"name": name, "method": meta["method"] if meta else "base", "trainable_params": trainable,
+               "share": 100 * trainable / base_params, **(plots.run_facts(adapter_dir, meta) if meta else {})}
         if texts:
             row["sets"], row["perplexity"] = perplexity(model, tok, texts, args.seq_len, args.batch_size, args.limit)
         else:
@@ -186,4 +181,4 @@ def print_row(row, first):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    cli.run(main)

@@ -24,9 +24,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import cli
 import methods
 import models
-import train
 from models.tokenizer import gguf_to_hf
 from models.weights import gguf_fields, gguf_reader, hf_config, hf_lora, hf_state_dict
 
@@ -156,8 +156,8 @@ def main(argv=None):
     model, _ = models.load(args.model)
     method = None
     if args.adapter:
-        methods.load_adapter(model, args.adapter)
-        method = methods.get(methods.read_config(args.adapter)["method"])
+        model, meta = methods.load_adapter(model, args.adapter)
+        method = methods.get(meta["method"])
     if args.format == "peft":
         factors = method.to_lora(model)  # Mo-SARA with several heads refuses here (ValueError)
         write_dir(args.out, lambda tmp: write_peft(tmp, model, factors, base_name(args)))
@@ -169,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    cli.run(main)

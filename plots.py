@@ -8,23 +8,21 @@ functions above them gather that data from adapter directories and the base mode
 an optional extra, imported only when something is drawn.
 """
 import copy
-import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
 
+import cli
 import data
 import methods
-import train
 
 MATPLOTLIB = "matplotlib==3.11.2"
 NAMES = {"lora": "LoRA", "sara": "SARA", "mosara": "Mo-SARA", "sora": "SoRA", "adalora": "AdaLoRA",
          "alora": "ALoRA", "salora": "SaLoRA"}
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.5)  # SARA's sweep (its paper's Fig. 2), plus the adapter's own
 ROUTER_EXAMPLES = 8
-NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}  # not the recipe
 
 
 def pyplot():
@@ -67,34 +65,12 @@ def series(log, key):
     return [r["step"] for r in recs], [r[key] for r in recs]
 
 
-def train_flags(meta):
-    """The train.py flags of a run that differ from their defaults, as one would type them."""
-    name, given = meta["method"], meta.get("train_args", {})
-    # defaults on the run's own data: the prompt template follows --data and --task
-    context = ["--method", name, *(f for k in ("data", "task") if given.get(k) for f in (f"--{k}", str(given[k])))]
-    plain_args, method, plain_cfg = train.parse_args(context)
-    # the default warmup follows --steps: compare it with the default of a run this long
-    same_length = vars(train.parse_args([*context, "--steps", str(given.get("steps", plain_args.steps))])[0])
-    defaults = {**same_length, "steps": plain_args.steps, **dataclasses.asdict(plain_cfg)}
-    cfg = dataclasses.asdict(methods.config_from_dict(method, meta["config"]))
-    flags = []
-    for key, value in {**given, **cfg}.items():
-        if key in NOT_RECIPE or key not in defaults or value == defaults[key]:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            text = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
-            flags.append(f"{flag} {text}")
-    return " ".join(flags)
-
-
-def run_facts(adapter_dir):
-    """Row fields from the adapter's training run: train seconds, total rank, steps, flags."""
-    meta = methods.read_config(adapter_dir)
+def run_facts(adapter_dir, meta):
+    """Row fields from the adapter's training run: train seconds, total rank, steps, and its recipe
+    (the train.py flags that differ from their defaults, as train.py recorded them in config.json,
+    whose content `meta` is)."""
     summary = read_json(Path(adapter_dir) / "summary.json", {})
-    facts = {"flags": train_flags(meta)}
+    facts = {"flags": meta.get("recipe", "")}
     for key, src in (("train_seconds", "seconds"), ("total_rank", "total_rank"), ("steps", "steps")):
         if src in summary:
             facts[key] = summary[src]
@@ -268,13 +244,13 @@ def label(name, method):
 
 def adapter_figures(out, base, tok, adapter_dir, examples, model_name):
     """One adapter's figures: its ranks; SARA's threshold sweep; Mo-SARA's router. The paths written."""
-    meta, name = methods.read_config(adapter_dir), Path(adapter_dir).name
-    kind = meta["method"]
+    model, meta = methods.load_adapter(copy.deepcopy(base), adapter_dir)
+    model.eval()
+    name, kind = Path(adapter_dir).name, meta["method"]
     who = label(name, kind)
     if kind == "lora":  # one fixed rank everywhere: nothing to draw
         return []
     targets = getattr(base, "TARGETS", {})
-    model = methods.load_adapter(copy.deepcopy(base), adapter_dir).eval()
     ranks = methods.get(kind).ranks(model)
     what = {"sara": "k per layer, set at init from the spectrum of W0",
             "mosara": "k per layer (frozen singular directions)"}.get(kind, "final rank per layer")
@@ -343,7 +319,7 @@ def markdown_table(rows):
             name += f" `{row['flags']}`"
         values = [shown(row["sets"][s]) for s in sets] + [shown(row[metric])]
         rank = f"{row['total_rank']:,}" if "total_rank" in row else "–"
-        seconds = train.fmt_time(row["train_seconds"]) if "train_seconds" in row else "–"
+        seconds = cli.fmt_time(row["train_seconds"]) if "train_seconds" in row else "–"
         cells = [name, f"{row['trainable_params']:,}", f"{row['share']:.3f}", rank, *values, seconds]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import benchmarks
+import cli
 import data
 import methods
 import models
@@ -89,19 +90,39 @@ def parse_args(argv):
     add_config_flags(group, method.Config)
     args = p.parse_args(argv)
     cfg_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(method.Config)}
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    cli.positive(args, "steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size", "lr", "limit")
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.limit is not None and args.limit <= 0:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
     args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
     args.out = Path(args.out or f"out/{args.method}")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     return args, method, method.Config(**cfg_kwargs)
+
+
+NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}
+
+
+def recipe(args):
+    """The flags of this run that differ from their defaults, as one would type them: config.json's
+    "recipe", which the results table shows. A default that follows another flag (the prompt follows
+    --data and --task, the warmup --steps) is that of a run on the same data and of the same length."""
+    context = ["--method", args.method]
+    for key in ("data", "task"):
+        if getattr(args, key):
+            context += [f"--{key}", str(getattr(args, key))]
+    plain = vars(parse_args([*context, "--steps", str(args.steps)])[0])
+    plain["steps"] = parse_args(context)[0].steps
+    flags = []
+    for key, value in vars(args).items():
+        if key in NOT_RECIPE or value == plain[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            text = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
+            flags.append(f"{flag} {text}")
+    return " ".join(flags)
 
 
 # ----------------------------------------------------------------------------- pieces of the run
@@ -242,8 +263,11 @@ def step_batches(train_set, args, step, rank, world, device):
 
 
 def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, val_loss=None, world=1):
-    """One optimizer step over this process's micro-batches [(x, y), ...], every method hook in order.
-    Returns (the step's loss, the figures after_step reports). bench.py times this very function."""
+    """One optimizer step over this process's micro-batches [(x, y), ...], every method hook in the
+    order each method file's Usage block states: forward, task loss + extra_loss, backward,
+    after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
+    from 1 to total_steps. Returns (the step's loss, the figures after_step reports).
+    bench.py times this very function."""
     trainable = [p for g in opt.param_groups for p in g["params"]]
     # every target token of the global batch weighs the same, however the batch is split
     n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
@@ -261,17 +285,13 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     if clip:
         torch.nn.utils.clip_grad_norm_(trainable, clip)
     opt.step()
-    sched.step()
     if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
         raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
                                  "(the last checkpoint, if any, is kept)")
-    figures = method.after_step(model, opt, step, total_steps, val_loss=val_loss)
+    figures = method.after_step(model, opt, step, total_steps, val_loss=val_loss)  # sees this step's lr
+    sched.step()
     opt.zero_grad(set_to_none=True)
     return step_loss, figures
-
-
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def scalars(figures):
@@ -320,7 +340,8 @@ def main(argv=None):
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
-            "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+            "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "recipe": recipe(args)}
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         if start:
@@ -330,6 +351,7 @@ def main(argv=None):
     t_start, tokens, loss_avg = time.time(), 0, None
     for step in range(start + 1, args.steps + 1):
         batches = step_batches(train_set, args, step, rank, world, device)
+        lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
         step_loss, figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip, val_loss, world)
         tokens += sum(x.numel() for x, _ in batches) * world
 
@@ -337,15 +359,15 @@ def main(argv=None):
         progress = step % args.log_every == 0 or step == args.steps
         elapsed = time.time() - t_start
         if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
-            rec = {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "loss": step_loss, "lr": lr,
                    "tokens_per_s": tokens / elapsed, **figures}
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if progress:
             eta = elapsed / (step - start) * (args.steps - step)
             extra = scalars(figures)
-            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                f"{tokens / elapsed:.0f} tok/s | ETA {fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
+            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | "
+                f"{tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
         if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
             methods.save_adapter(model, args.out, args.method, cfg, **info)
             save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args)
@@ -361,24 +383,12 @@ def main(argv=None):
         methods.write_json(args.out / "summary.json", summary)
         if ckpt.exists():
             os.remove(ckpt)  # the run is complete: the adapter is what remains
-    say(f"done in {fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
+    say(f"done in {cli.fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
         f"{summary['total_rank']}; wrote {args.out}/adapter.safetensors")
     if world > 1:
         dist.destroy_process_group()
     return summary
 
 
-USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError)
-
-
-def cli(main):
-    """Run a script's main(): bad input ends with its one-sentence message on stderr and exit status 2."""
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli(main)
+    cli.run(main)

@@ -1,7 +1,8 @@
 """The registry: method name -> module, and saving / loading adapters for any method.
 
-Every method module follows one contract (DESIGN.md): Config, apply, param_groups, extra_loss,
-after_backward, after_step, ranks, to_lora, merge. This is the only file that knows them all.
+Every method module follows one contract: Config, apply, config, param_groups, extra_loss,
+after_backward, after_step, ranks, to_lora, merge (the hook order is in each file's Usage block).
+This is the only file that knows them all.
 Adapter tensors carry `lora_` in their names in every method, so one filter saves them all.
 A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) loads as a LoRA.
 """
@@ -102,13 +103,15 @@ def read_config(adapter_dir):
 
 
 def load_adapter(model, adapter_dir):
-    """Apply the saved method and Config to `model` and load its tensors (strictly)."""
+    """Apply the saved method and Config to `model` and load its tensors (strictly).
+    Returns (model, meta): meta is config.json's content (method, config, and what train.py
+    recorded: base_model, model_config, train_args, recipe)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_config(adapter_dir)
     if "peft" in meta:
-        return load_peft(model, adapter_dir, meta["peft"])
+        return load_peft(model, adapter_dir, meta["peft"]), meta
     base = meta.get("model_config")
     if base is not None and base != dataclasses.asdict(model.cfg):
         raise AdapterError(f"{adapter_dir} was trained on another model ({meta.get('base_model', '?')})")
@@ -128,7 +131,7 @@ def load_adapter(model, adapter_dir):
                            f"adapter (missing {missing[:3]}, unexpected {extra[:3]})")
     resize_to(model, saved)
     model.load_state_dict(saved, strict=False)
-    return model
+    return model, meta
 
 
 def resize_to(model, saved):
@@ -179,7 +182,8 @@ def peft_scale(c, name, r):
 @torch.no_grad()
 def load_peft(model, adapter_dir, c):
     """Wrap each module the PEFT adapter names in a LoRA of its own rank, PEFT's scaling folded
-    into lora_B (so alpha = r here). GPT-2's fused c_attn LoRA is split over q/k/v."""
+    into lora_B (so alpha = r here). GPT-2's fused c_attn LoRA is split over q/k/v. Each module has
+    its own rank, so the layers are wrapped one by one rather than by one apply()."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -202,6 +206,8 @@ def load_peft(model, adapter_dir, c):
             raise AdapterError(f"{path} has lora_{next(iter(ab))} for {name} but not its pair")
         factors[name] = (ab["A"], peft_scale(c, name, ab["A"].shape[0]) * ab["B"])
     lora = get("lora")
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise AdapterError(f"{adapter_dir}: the model already has an adapter")
     for name, (A, B) in our_lora(factors).items():
         try:
             layer = model.get_submodule(name)
@@ -210,8 +216,10 @@ def load_peft(model, adapter_dir, c):
         if not isinstance(layer, torch.nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
             raise AdapterError(f"{path}: the LoRA of {name} does not fit the model's layer")
         r = A.shape[0]
-        lora.apply(model, lora.Config(r=r, alpha=r, dropout=c.get("lora_dropout", 0.0), targets=(name,)))
-        layer = model.get_submodule(name)
-        layer.lora_A.copy_(A)
-        layer.lora_B.copy_(B)
+        wrapped = lora.LoRALinear(layer, lora.Config(r=r, alpha=r, dropout=c.get("lora_dropout", 0.0), targets=(name,)))
+        wrapped.lora_A.copy_(A)
+        wrapped.lora_B.copy_(B)
+        lora.replace(model, name, wrapped)
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
     return model

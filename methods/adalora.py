@@ -17,7 +17,7 @@ so the important modules keep more ranks than the others.
                  else int(target + (init − target) (1 − (t − tinit)/(T − tfinal − tinit))³)
     masking: keep the b highest-scoring triplets over all modules, zero the others' lora_E.
 
-Hyperparameters (METHODS.md, from peft's AdaLoraConfig): init_r = 12, target_r = 8, delta_t = 1,
+Hyperparameters (peft's AdaLoraConfig): init_r = 12, target_r = 8, delta_t = 1,
 beta1 = beta2 = 0.85, orth_reg_weight = 0.5 (peft; the authors' code uses 0.1). alpha = 32 (peft's
 example and most of the authors' GLUE scripts; 16 in the others); dropout = 0.05 as this library's LoRA.
 tinit and tfinal default to 10% and 30% of the run's steps: peft's example uses 200 and 1000 of
@@ -49,12 +49,42 @@ Where this file departs from the paper or peft (huggingface/peft src/peft/tuners
   so the trained adapter holds exact zeros there. to_lora and merge use E ⊙ lora_mask: exact after
   any masking step, which includes the end of training.
 - orth_reg_weight = 0 turns the regulariser off (peft refuses 0).
+
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import adalora as method
+    method.apply(model, method.Config(init_r=12, target_r=8))  # the budget falls from 12 to 8 per module
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)  # masks to the budget
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -101,14 +131,22 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class SVDLinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale * P diag(Λ) Q x."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, cfg: Config):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.cfg = cfg  # the training hooks read the schedule from here
+
+class SVDLinear(nn.Module):
+    """Wraps a linear layer and adds scale * P diag(Λ) Q x. Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
+
+    def __init__(self, base, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
         self.scale = cfg.alpha / cfg.init_r
         self.p = cfg.dropout
         r, dev = cfg.init_r, base.weight.device
@@ -121,6 +159,7 @@ class SVDLinear(nn.Linear):
             self.register_buffer("i_bar_" + f, torch.zeros(shape, device=dev), persistent=False)
             self.register_buffer("u_bar_" + f, torch.zeros(shape, device=dev), persistent=False)
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def live_factors(self):
         """(A', B') over the live triplets, ΔW = B' A'."""
@@ -132,7 +171,7 @@ class SVDLinear(nn.Linear):
         return B @ A  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         h = F.linear(dropout(x, self.p, self.training), self.lora_A) * (self.scale * self.lora_E[:, 0])  # (..., r)
@@ -144,6 +183,9 @@ class SVDLinear(nn.Linear):
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         for f in "AEB":
             p = getattr(self, "lora_" + f)
+            if p.grad is None:
+                raise ValueError("AdaLoRA's after_backward needs the gradients: call it after loss.backward() "
+                                 "and before optimizer.zero_grad()")
             i_bar, u_bar = getattr(self, "i_bar_" + f), getattr(self, "u_bar_" + f)
             ipt = (p * p.grad).abs_()
             i_bar.lerp_(ipt, 1 - b1)  # β1 i_bar + (1 − β1) ipt
@@ -166,8 +208,12 @@ class SVDLinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -176,17 +222,27 @@ class SVDLinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -197,8 +253,10 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        replace(model, name, SVDLinear(linear, cfg))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        replace(model, name, SVDLinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -208,6 +266,19 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no AdaLoRA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- the budget schedule: pure functions of the step ---------------------------------------------
 
 def phases(cfg, total_steps):
@@ -215,7 +286,8 @@ def phases(cfg, total_steps):
     tinit = total_steps // 10 if cfg.tinit is None else cfg.tinit
     tfinal = 3 * total_steps // 10 if cfg.tfinal is None else cfg.tfinal
     if tinit + tfinal >= total_steps:
-        raise ValueError(f"tinit + tfinal must be below the number of steps, got {tinit} + {tfinal} >= {total_steps}")
+        raise ValueError(f"total_steps = {total_steps} leaves no steps for AdaLoRA's budget to fall (tinit {tinit} + "
+                         f"tfinal {tfinal} >= it): pass the run's true length, or smaller tinit / tfinal")
     return tinit, tfinal
 
 
@@ -241,6 +313,7 @@ def top_budget(scores, b):
 # --- training hooks ------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
+    config(model)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
              "weight_decay": weight_decay}]
 
@@ -254,7 +327,7 @@ def orth_loss(m):
 
 def extra_loss(model):
     mods = list(layers(model).values())
-    weight = mods[0].cfg.orth_reg_weight
+    weight = config(model).orth_reg_weight
     if weight == 0:
         return torch.zeros((), device=next(model.parameters()).device)
     return weight * sum(orth_loss(m) for m in mods) / (2 * len(mods))  # mean over the A's and B's
@@ -262,8 +335,9 @@ def extra_loss(model):
 
 def after_backward(model, step, total_steps):
     """Update the sensitivity EMAs while the scores can still change the mask (t ≤ T − tfinal)."""
+    check_step(step, total_steps)
     mods = list(layers(model).values())
-    _, tfinal = phases(mods[0].cfg, total_steps)
+    _, tfinal = phases(config(model), total_steps)
     if step <= total_steps - tfinal:
         for m in mods:
             m.update_importance()
@@ -273,15 +347,15 @@ def after_backward(model, step, total_steps):
 def mask_to_budget(mods, b):
     """Keep the b best triplets over all modules; zero lora_E of the others."""
     keep = top_budget(torch.cat([m.triplet_scores() for m in mods]), b)  # (n_modules * init_r,)
-    for m, k in zip(mods, keep.split(mods[0].cfg.init_r)):
+    for m, k in zip(mods, keep.split(mods[0].lora_E.shape[0])):  # init_r triplets each
         m.set_mask(k)
 
 
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     """Mask to the budget every delta_t steps while it falls, at T − tfinal, and re-apply the fixed
     pattern after every later step. Returns {"budget": b(step), "live_rank": live triplets}."""
-    mods = list(layers(model).values())
-    cfg = mods[0].cfg
+    check_step(step, total_steps)
+    mods, cfg = list(layers(model).values()), config(model)
     tinit, tfinal = phases(cfg, total_steps)
     b = budget(step, total_steps, cfg, len(mods))
     if step > total_steps - tfinal:
@@ -308,10 +382,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW (live triplets) into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold ΔW (live triplets) into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

@@ -28,8 +28,8 @@ Where this file departs from the paper, and why:
   tensors and DDP sees fixed shapes. A module already at rmax cannot receive; if no module that lost
   none has a free slot, the budget shrinks by what could not be placed (as in footnote 4).
 - The scale is alpha / r, fixed per module (not alpha / live rank), so adding ranks rescales nothing.
-- M_rank keeps only that rank *in its module* and leaves the other modules whole (METHODS.md
-  decision; the paper's wording zeroes every other rank in the model).
+- M_rank keeps only that rank *in its module* and leaves the other modules whole (the paper's
+  wording zeroes every other rank in the model).
 - Steps, not epochs: when not given, k1 = 10% of the steps, k2 = 2.5%, rounds = as many as fit
   before the end, at most 8 (the paper's 1 / 0.25 / 8 over 10 epochs), so any run of 20 steps or
   more holds rounds. prune_per_round defaults to len(targets), the paper's n_A = types per block.
@@ -44,6 +44,35 @@ Where this file departs from the paper, and why:
   a fresh optimizer's would be.
 - Every decision depends only on val_loss values and a generator seeded with the step, so DDP
   processes agree as long as val_loss returns the same number on each of them.
+
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import alora as method
+    method.apply(model, method.Config(r=8))          # ranks pruned and reallocated in rounds
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    def val_loss():                                  # ALoRA scores ranks on held-out data
+        model.eval()                                 # dropout off while scoring
+        with torch.no_grad():
+            loss = task_loss(model, val_batch).item()
+        model.train()
+        return loss
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps, val_loss=val_loss)
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 import math
 from dataclasses import dataclass
@@ -51,6 +80,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -93,14 +129,22 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class ALoRALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale B (gate ⊙ A x)."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, cfg: Config):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.cfg = cfg  # the round schedule, read by after_step
+
+class ALoRALinear(nn.Module):
+    """Wraps a linear layer and adds scale B (gate ⊙ A x). Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
+
+    def __init__(self, base, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
         self.scale = cfg.alpha / cfg.r
         self.p = cfg.dropout
         device = base.weight.device
@@ -110,12 +154,13 @@ class ALoRALinear(nn.Linear):
         gate = (torch.arange(cfg.rmax, device=device) < cfg.r).float()
         self.register_buffer("lora_gate", gate)  # persistent: it says which slots the adapter uses
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def delta_weight(self):
         return self.scale * (self.lora_B * self.lora_gate) @ self.lora_A  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         # gating (and scaling) B's columns equals gating A x, and costs (out, rmax) instead of (B, T, rmax)
@@ -125,8 +170,12 @@ class ALoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -135,17 +184,27 @@ class ALoRALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -156,8 +215,10 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        replace(model, name, ALoRALinear(linear, cfg))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        replace(model, name, ALoRALinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -167,6 +228,19 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, ALoRALinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no ALoRA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- the round schedule -------------------------------------------------------------------------
 
 def schedule(cfg, total_steps):
@@ -174,6 +248,9 @@ def schedule(cfg, total_steps):
     k1 = cfg.k1 if cfg.k1 is not None else max(1, total_steps // 10)
     k2 = cfg.k2 if cfg.k2 is not None else max(1, total_steps // 40)
     rounds = cfg.rounds if cfg.rounds is not None else min(8, max(0, (total_steps - k1) // k2))
+    if rounds and k1 + (rounds - 1) * k2 > total_steps:
+        raise ValueError(f"total_steps = {total_steps} is too short for ALoRA's {rounds} rounds (k1 {k1}, "
+                         f"k2 {k2}): pass the run's true length, or fewer rounds")
     return k1, k2, rounds
 
 
@@ -279,6 +356,7 @@ def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=No
 # --- training hooks ------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
+    config(model)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
              "weight_decay": weight_decay}]
 
@@ -288,18 +366,23 @@ def extra_loss(model):
 
 
 def after_backward(model, step, total_steps):
-    pass
+    check_step(step, total_steps)
 
 
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    """On round steps: one AB-LoRA prune/reallocate round; figures of it. Otherwise {}."""
-    mods = layers(model)
-    cfg = next(iter(mods.values())).cfg
+    """On round steps: one AB-LoRA prune/reallocate round; figures of it. Otherwise {}.
+
+    val_loss: a function of no arguments returning the validation loss as a float, computed in eval
+    mode (dropout off) under torch.no_grad() and leaving the model's mode as it found it; a round
+    calls it 1 + 2 * (scored ranks) times, with the gates changed in between."""
+    check_step(step, total_steps)
+    cfg = config(model)
     k = round_at(cfg, step, total_steps)
     if not k:
         return {}
     if val_loss is None:
-        raise ValueError("ALoRA's rounds need val_loss, a closure returning the validation loss")
+        raise ValueError("ALoRA's rounds need val_loss=, a function returning the validation loss as a float "
+                         "(see after_step's docstring)")
     n_prune = cfg.prune_per_round or len(cfg.targets)
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
     base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
@@ -326,10 +409,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold ΔW into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

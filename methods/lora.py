@@ -4,16 +4,34 @@ The idea: freeze the pretrained weight W0 and learn its update as a product of t
 so a layer trains r * (in + out) numbers instead of in * out. Because the update is a plain
 matrix, it folds into W0 after training and inference costs nothing extra.
 
-    y = x W0ᵀ + b + (alpha / r) * dropout(x) lora_Aᵀ lora_Bᵀ        ΔW = (alpha / r) lora_B lora_A
+    y = base(x) + (alpha / r) * dropout(x) lora_Aᵀ lora_Bᵀ        ΔW = (alpha / r) lora_B lora_A
     lora_A (r, in): Kaiming-uniform (a=√5, nn.Linear's default);  lora_B (out, r): zeros -> ΔW = 0
 
 Hyperparameters (paper / loralib / the SARA paper's LoRA baseline): r = 8, alpha = 16,
 dropout = 0.05, targets = the q and v projections.
 
-Usage:
-    cfg = Config(r=8); apply(model, cfg)           # wraps model's q/v nn.Linear layers, freezes the rest
-    ... train: loss = task_loss + extra_loss(model); after_backward(...); opt.step(); after_step(...)
-    merge(model)                                   # plain nn.Linear layers again, W = W0 + ΔW
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import lora as method
+    method.apply(model, method.Config(r=8))          # wraps the target layers, freezes all the rest
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 import math
 from dataclasses import dataclass
@@ -21,6 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -46,17 +70,27 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds (alpha/r) B A x."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.scale = alpha / r
-        self.p = dropout
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device))
+
+class LoRALinear(nn.Module):
+    """Wraps a linear layer and adds (alpha/r) B A x. The wrapped layer computes y as before; its
+    weight and bias are registered here under their own names, so the model's keys do not change."""
+
+    def __init__(self, base, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
+        self.scale = cfg.alpha / cfg.r
+        self.p = cfg.dropout
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
@@ -65,7 +99,7 @@ class LoRALinear(nn.Linear):
         return self.scale * self.lora_B @ self.lora_A  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         h = F.linear(dropout(x, self.p, self.training), self.lora_A) * self.scale  # (..., r): scale r numbers, not out
@@ -74,8 +108,12 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -84,17 +122,27 @@ class LoRALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -105,8 +153,10 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        replace(model, name, LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        replace(model, name, LoRALinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -116,9 +166,23 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no LoRA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- training hooks: LoRA needs none of them, but every method defines them --------------------
 
 def param_groups(model, lr, weight_decay):
+    config(model)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
              "weight_decay": weight_decay}]
 
@@ -128,10 +192,11 @@ def extra_loss(model):
 
 
 def after_backward(model, step, total_steps):
-    pass
+    check_step(step, total_steps)
 
 
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    check_step(step, total_steps)
     return {}
 
 
@@ -149,10 +214,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold ΔW into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

@@ -13,7 +13,7 @@ starts at zero. A layer trains m*k + out + k + m numbers, orders of magnitude fe
 Hyperparameters (paper): threshold 0.5 (math; commonsense 0.8 / 0.5), heads m = 5 (3 on E2E),
 dropout 0.05, lr 3e-2 (7e-2 on E2E), targets q and v.
 
-Notes and decisions (METHODS.md):
+Notes and decisions:
 - k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. Measured
   on the default model's 60 q/v matrices, one CPU thread: the full SVD takes 1.9 s. At threshold
   0.5, k is 20-35% of min(in, out). There torch.svd_lowrank (q = k + 32) needs niter = 8 to lose
@@ -29,6 +29,29 @@ Notes and decisions (METHODS.md):
   which SVD routine or device produced them.
 - Not mergeable when m > 1: the mixture of singular values depends on the token. With m = 1 the
   gate is exactly 1 and Mo-SARA is a LoRA with A' = diag(lam_1) V, B' = diag(v) U.
+
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import mosara as method
+    method.apply(model, method.Config(threshold=0.5, heads=5))  # frozen singular vectors; use lr 3e-2
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)
+        sched.step()
+        opt.zero_grad()
+    method.router_weights(model)                      # mean gate per head (merge needs heads=1)
 """
 import math
 from dataclasses import dataclass
@@ -36,6 +59,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -77,16 +107,24 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class MoSARALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds the routed SARA branch."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, U, V, heads, dropout):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.p = dropout
-        self.train(base.training)  # wrapping does not change the model's train/eval mode
-        k, dev = U.shape[1], base.weight.device
+
+class MoSARALinear(nn.Module):
+    """Wraps a linear layer and adds the routed SARA branch. Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
+
+    def __init__(self, base, U, V, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
+        self.p = cfg.dropout
+        k, heads, dev = U.shape[1], cfg.heads, base.weight.device
         self.register_buffer("lora_U", U)  # (out, k) frozen
         self.register_buffer("lora_V", V)  # (k, in) frozen
         self.lora_lam = nn.Parameter(torch.empty(heads, k, device=dev).uniform_(-1, 1))
@@ -95,6 +133,7 @@ class MoSARALinear(nn.Linear):
         self.lora_v = nn.Parameter(torch.zeros(self.out_features, device=dev))  # ΔW = 0 at init
         self.gate_mean = None  # (m,) mean gate over the last forward's tokens, for router_weights
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def gates(self, z):
         return torch.softmax((z @ self.lora_w1) * self.lora_w2, dim=-1)  # (..., 1) * (1, m) -> (..., m)
@@ -109,7 +148,7 @@ class MoSARALinear(nn.Linear):
         return (self.lora_v[:, None] * self.lora_U) @ (self.lora_lam[0][:, None] * self.lora_V)  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         z = F.linear(dropout(x, self.p, self.training), self.lora_V)  # (..., k)
@@ -120,9 +159,12 @@ class MoSARALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += delta
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -131,17 +173,27 @@ class MoSARALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -152,9 +204,11 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Freeze each target layer's top-k singular vectors, wrap it, freeze all but the adapters."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        U, V = top_singular(linear.weight, cfg.threshold)
-        replace(model, name, MoSARALinear(linear, U, V, cfg.heads, cfg.dropout))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        U, V = top_singular(layer.weight.T if is_conv1d(layer) else layer.weight, cfg.threshold)  # W0 (out, in)
+        replace(model, name, MoSARALinear(layer, U, V, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -164,9 +218,23 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, MoSARALinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no Mo-SARA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- training hooks: Mo-SARA needs none of them -------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
+    config(model)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
              "weight_decay": weight_decay}]
 
@@ -176,10 +244,11 @@ def extra_loss(model):
 
 
 def after_backward(model, step, total_steps):
-    pass
+    check_step(step, total_steps)
 
 
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    check_step(step, total_steps)
     return {}
 
 
@@ -206,13 +275,11 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW into W0 and put plain nn.Linear layers back (heads = 1 only)."""
+    """Fold ΔW into W0 and put the original layers back (heads = 1 only)."""
     mods = layers(model)
     for m in mods.values():
         m.check_mergeable()  # before touching any layer, so a refusal leaves the model as it was
     for name, m in mods.items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

@@ -20,7 +20,7 @@ ZETA = 1.1, tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0
 log α ~ N(log(1 - p) - log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so
 that every rank starts open: P(g > 0) ≈ 0.99, eval gate 1). alpha = 16, dropout = 0.05 as LoRA.
 
-Where this file decides what the paper leaves open (METHODS.md / METHODS-DETAIL.md §7):
+Where this file decides what the paper leaves open:
 - scale = alpha / rmax, LoRA style; the paper does not scale. A Kaiming, B zero: ΔW = 0 at init.
 - eq. 11 as printed sums per-matrix densities (range [0, K]); C here is normalised over all
   matrices, so b in (0, 1] is the fraction of the adapter's parameters expected to stay.
@@ -43,10 +43,28 @@ Where this file decides what the paper leaves open (METHODS.md / METHODS-DETAIL.
 - ranks() counts eval gates > 0, which close only below log α = -2.4 (P(g > 0) = 0.31): reaching
   density b closes ranks only as far as the gates polarise (all gates at P = 0.5 close none).
 
-Usage:
-    cfg = Config(rmax=8, target_density=0.5); apply(model, cfg)
-    ... train as train.py does; after_step returns {"density": C, "lam": lam}
-    to_lora(model) / merge(model) use the eval gates and drop the ranks whose gate is 0.
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import salora as method
+    method.apply(model, method.Config(rmax=8, target_density=0.5))  # Hard-Concrete gates, an L0 budget
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)  # the ascent on the multiplier
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 import math
 from dataclasses import dataclass
@@ -57,6 +75,13 @@ import torch.nn.functional as F
 
 GAMMA, ZETA = -0.1, 1.1  # the stretch interval (GAMMA, ZETA) puts probability mass on exactly 0 and 1
 EPS = 1e-6  # keeps log u and log(1 - u) finite
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -124,22 +149,32 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class SaLoRALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds scale B diag(g) A x."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, rmax, alpha, dropout, temperature, droprate_init):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.scale, self.tau = alpha / rmax, temperature
-        self.p = dropout
-        dev = base.weight.device
+
+class SaLoRALinear(nn.Module):
+    """Wraps a linear layer and adds scale B diag(g) A x. Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
+
+    def __init__(self, base, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
+        self.scale, self.tau = cfg.alpha / cfg.rmax, cfg.temperature
+        self.p = cfg.dropout
+        rmax, dev = cfg.rmax, base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rmax, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rmax, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        mean = math.log(1 - droprate_init) - math.log(droprate_init)
+        mean = math.log(1 - cfg.droprate_init) - math.log(cfg.droprate_init)
         self.lora_logalpha = nn.Parameter(torch.normal(mean, 0.01, (rmax,), device=dev))
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def gates(self):
         return sample_gates(self.lora_logalpha, self.tau) if self.training else eval_gates(self.lora_logalpha)
@@ -148,7 +183,7 @@ class SaLoRALinear(nn.Linear):
         return self.scale * (self.lora_B * eval_gates(self.lora_logalpha)) @ self.lora_A  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         h = F.linear(dropout(x, self.p, self.training), self.lora_A) * (self.scale * self.gates())  # one mask a batch
@@ -157,8 +192,12 @@ class SaLoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -167,17 +206,27 @@ class SaLoRALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -188,20 +237,40 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        replace(model, name, SaLoRALinear(linear, cfg.rmax, cfg.alpha, cfg.dropout, cfg.temperature,
-                                          cfg.droprate_init))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        replace(model, name, SaLoRALinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
-    model.salora_cfg = cfg  # the budget's settings, for the hooks below
-    # the Lagrange multiplier: training-only, so not in the adapter (a checkpoint keeps lora_* buffers)
-    lam = torch.zeros((), device=next(model.parameters()).device)
-    model.register_buffer("lora_lam", lam, persistent=False)
+    # the Lagrange multiplier, one number for the whole adapter: kept on the first adapted layer
+    # (nothing is added to the model's root), training state only, so not saved with the adapter
+    first = next(iter(layers(model).values()))
+    first.register_buffer("lam", torch.zeros((), device=first.lora_A.device), persistent=False)
     return model
 
 
 def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SaLoRALinear)}
+
+
+def multiplier(model):
+    """λ, the Lagrange multiplier (a 0-d buffer of the first adapted layer)."""
+    config(model)
+    return next(iter(layers(model).values())).lam
+
+
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no SaLoRA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
 
 
 # --- training hooks --------------------------------------------------------------------------------
@@ -211,7 +280,7 @@ def param_groups(model, lr, weight_decay):
     factors = [p for n, p in params if not n.endswith("lora_logalpha")]
     gates = [p for n, p in params if n.endswith("lora_logalpha")]
     return [{"params": factors, "lr": lr, "weight_decay": weight_decay},
-            {"params": gates, "lr": model.salora_cfg.gate_lr, "weight_decay": 0.0}]
+            {"params": gates, "lr": config(model).gate_lr, "weight_decay": 0.0}]
 
 
 def density(model):
@@ -230,21 +299,25 @@ def orthogonality(m):
 
 
 def extra_loss(model):
-    cfg = model.salora_cfg
+    cfg = config(model)
     mods = list(layers(model).values())
     orth = sum(orthogonality(m) for m in mods) / len(mods)  # a mean: see the docstring
-    return cfg.beta * orth + model.lora_lam * (density(model) - cfg.target_density) ** 2
+    return cfg.beta * orth + multiplier(model) * (density(model) - cfg.target_density) ** 2
 
 
 def window(cfg, total_steps):
     """(t_start, t_end): log α and lam train at steps t_start < step <= t_end."""
     t_start = total_steps // 10 if cfg.t_start is None else cfg.t_start
     t_end = 7 * total_steps // 10 if cfg.t_end is None else cfg.t_end
+    if t_start >= min(t_end, total_steps):
+        raise ValueError(f"total_steps = {total_steps} leaves SaLoRA's gates no steps to train (window "
+                         f"{t_start} < step <= {t_end}): pass the run's true length, or set t_start / t_end")
     return t_start, t_end
 
 
 def in_window(model, step, total_steps):
-    t_start, t_end = window(model.salora_cfg, total_steps)
+    check_step(step, total_steps)
+    t_start, t_end = window(config(model), total_steps)
     return t_start < step <= t_end
 
 
@@ -256,11 +329,11 @@ def after_backward(model, step, total_steps):
 
 @torch.no_grad()
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    c, cfg = density(model), model.salora_cfg
+    c, cfg, lam = density(model), config(model), multiplier(model)
     if in_window(model, step, total_steps):
         # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
-        model.lora_lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)
-    c, lam = torch.stack((c, model.lora_lam)).tolist()  # one device sync for the log
+        lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)
+    c, lam = torch.stack((c, lam)).tolist()  # one device sync for the log
     return {"density": c, "lam": lam}
 
 
@@ -283,10 +356,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW (eval gates) into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold ΔW (eval gates) into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

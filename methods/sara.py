@@ -14,7 +14,7 @@ Hyperparameters (paper): threshold 0.01 (LLaMA-7B math), 0.09 / 0.075 (commonsen
 lr 1e-3; targets q and v. Our default threshold 0.0615 does the same on the default model
 (SmolLM2-135M, q and v: 460,889 trainable numbers against LoRA r=8's 460,800).
 
-Where this file departs from the paper (METHODS.md decisions):
+Where this file departs from the paper:
 - Algorithm 1 as printed compares the running sum with `threshold` instead of `threshold * total`;
   we use the target, and count the prefix that *reaches* it, so k >= 1 always. Singular values
   below the numerical-rank tolerance (as torch.linalg.matrix_rank) count as zero, so k never
@@ -26,6 +26,29 @@ Where this file departs from the paper (METHODS.md decisions):
   up-projection and a random lora_lam. The paper writes h = x W, so its V is the output side,
   which is lora_U here. Zeroing the up-projection *and* lora_lam is refused: no factor could ever
   get a gradient.
+
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import sara as method
+    method.apply(model, method.Config(threshold=0.0615))  # each layer's rank k from W0's spectrum
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 import math
 from dataclasses import dataclass
@@ -35,6 +58,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 INITS = ("lambda0", "v0", "paper")
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -77,15 +107,23 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class SARALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds U diag(lam) V x."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
 
-    def __init__(self, base: nn.Linear, k, init, dropout):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.p = dropout
-        self.train(base.training)  # wrapping does not change the model's train/eval mode
+
+class SARALinear(nn.Module):
+    """Wraps a linear layer and adds U diag(lam) V x. Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
+
+    def __init__(self, base, k, cfg: Config):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
+        self.p = cfg.dropout
         dev = base.weight.device
         self.lora_U = nn.Parameter(torch.empty(self.out_features, k, device=dev))  # up-projection
         self.lora_lam = nn.Parameter(torch.empty(k, device=dev))  # the trainable singular values
@@ -93,17 +131,18 @@ class SARALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_U, a=math.sqrt(5))  # U(±1/√k), nn.Linear(k, out)'s init
         nn.init.kaiming_uniform_(self.lora_V, a=math.sqrt(5))  # U(±1/√in), LoRA's A
         nn.init.uniform_(self.lora_lam, -1, 1)  # Kaiming-uniform (a=√5) of a (k, 1) column: fan_in 1
-        if init == "lambda0":
+        if cfg.init == "lambda0":
             nn.init.zeros_(self.lora_lam)
-        elif init == "v0":
+        elif cfg.init == "v0":
             nn.init.zeros_(self.lora_U)
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def delta_weight(self):
         return self.lora_U @ (self.lora_lam[:, None] * self.lora_V)  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         return y + F.linear(F.linear(dropout(x, self.p, self.training), self.lora_V) * self.lora_lam, self.lora_U)
@@ -111,8 +150,12 @@ class SARALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -121,17 +164,27 @@ class SARALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -142,9 +195,11 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Give every target layer its own rank k from W0's spectrum, wrap it, freeze all but adapters."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        k = rank_for(linear.weight, cfg.threshold)
-        replace(model, name, SARALinear(linear, k, cfg.init, cfg.dropout))
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        k = rank_for(layer.weight, cfg.threshold)  # the spectrum of W0 or W0ᵀ (Conv1D): the same
+        replace(model, name, SARALinear(layer, k, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -154,9 +209,23 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SARALinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no SARA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- training hooks: k is fixed at init, so SARA needs none of them -----------------------------
 
 def param_groups(model, lr, weight_decay):
+    config(model)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
              "weight_decay": weight_decay}]
 
@@ -166,10 +235,11 @@ def extra_loss(model):
 
 
 def after_backward(model, step, total_steps):
-    pass
+    check_step(step, total_steps)
 
 
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
+    check_step(step, total_steps)
     return {}
 
 
@@ -188,10 +258,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold ΔW into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold ΔW into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

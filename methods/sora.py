@@ -37,11 +37,28 @@ Where this file departs from the paper or the reference code, and why:
 - Modules whose gates are all zero prune to rank 0: to_lora gives them A' (0, in) and B' (out, 0), whose
   product is the zero matrix; formats that forbid rank 0 (PEFT) must skip them.
 
-Usage:
-    cfg = Config(rmax=16, lam=2.0); apply(model, cfg)
-    opt = torch.optim.AdamW(param_groups(model, lr, weight_decay))     # gates: no weight decay
-    ... loss.backward(); opt.step(); after_step(model, opt, step, total_steps)   # the prox
-    ranks(model); to_lora(model); merge(model)     # live rank per module; plain LoRA; folded into W0
+Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
+(or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
+Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
+file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
+after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+
+    import torch
+    import sora as method
+    method.apply(model, method.Config(rmax=16))      # a gate per rank; ranks(model) counts live ones
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
+    model.train()
+    for step in range(1, total_steps + 1):
+        loss = task_loss(model, next(batches)) + method.extra_loss(model)
+        loss.backward()
+        method.after_backward(model, step, total_steps)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        method.after_step(model, opt, step, total_steps)  # the ℓ1 prox on the gates
+        sched.step()
+        opt.zero_grad()
+    method.merge(model)                               # zero ranks cut out, W = W0 + ΔW
 """
 import math
 from dataclasses import dataclass
@@ -49,6 +66,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# logical target name -> module-name suffixes, for models without a TARGETS table of their own:
+# transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
+HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
+              "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
+              "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
 
 
 @dataclass
@@ -93,14 +117,22 @@ def dropout(x, p, training):
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
-class SoRALinear(nn.Linear):
-    """An nn.Linear that shares the wrapped layer's weight and bias and adds (alpha/rmax) B diag(g) A x."""
+def is_conv1d(layer):
+    """transformers' GPT-2 Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None
+
+
+class SoRALinear(nn.Module):
+    """Wraps a linear layer and adds (alpha/rmax) B diag(g) A x. Its weight and bias are registered here
+    under their own names, so the model's keys do not change; the wrapped layer still computes y."""
 
     def __init__(self, base: nn.Linear, cfg: Config):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: base keys unchanged
-        self.cfg = cfg  # after_step reads the lam schedule here
+        super().__init__()
+        object.__setattr__(self, "base", base)  # called, not registered: merge() puts it back
+        self.weight, self.bias = base.weight, base.bias
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = base.weight.T.shape if self.transposed else base.weight.shape
+        self.cfg = cfg  # every layer holds the Config; config(model) reads it back
         self.scale = cfg.alpha / cfg.rmax  # fixed by rmax: pruned ranks rescale nothing
         self.p = cfg.dropout
         device = base.weight.device
@@ -110,6 +142,7 @@ class SoRALinear(nn.Linear):
         self.lora_gate = nn.Parameter(init(cfg.rmax, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def pruned(self):
         """(A', B') of rank = number of nonzero gates, with B' A' = ΔW (the paper's post-pruning)."""
@@ -121,7 +154,7 @@ class SoRALinear(nn.Linear):
         return B @ A  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
         h = F.linear(dropout(x, self.p, self.training), self.lora_A) * (self.scale * self.lora_gate)  # (..., rmax)
@@ -130,8 +163,12 @@ class SoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         if self.w0 is None:
+            if not self.weight.is_floating_point():
+                raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
+                                 "use to_lora() and keep the adapter separate")
+            delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += self.delta_weight()
+            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self):
@@ -140,17 +177,27 @@ class SoRALinear(nn.Linear):
             self.w0 = None
 
 
-def find_targets(model, targets):
-    """Module name -> nn.Linear for the layers `targets` names.
+def adaptable(layer):
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
-    A model may map logical names to module-name suffixes in a TARGETS dict (ours do); any other
-    model can be given the suffixes themselves, e.g. ("self_attn.q_proj", "self_attn.v_proj").
-    """
-    table = getattr(model, "TARGETS", {})
-    suffixes = tuple("." + table.get(t, t) for t in targets)
-    found = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ("." + n).endswith(suffixes)}
+
+def find_targets(model, targets):
+    """Module name -> layer for the layers `targets` names. A logical name maps through the model's
+    TARGETS dict when it has one (this library's models do), else through HF_TARGETS; every name
+    also matches as a module-name suffix itself, e.g. "self_attn.q_proj"."""
+    table = getattr(model, "TARGETS", HF_TARGETS)
+    mapped = [table.get(t, ()) for t in targets]  # a suffix (our TARGETS) or a tuple of them (HF_TARGETS)
+    names = [*targets, *(n for m in mapped for n in ((m,) if isinstance(m, str) else m))]
+    suffixes = tuple("." + n for n in names)
+    found = {n: m for n, m in model.named_modules() if ("." + n).endswith(suffixes)}
+    for n, m in found.items():
+        if not adaptable(m):
+            raise ValueError(f"{n} is a {type(m).__name__}: only nn.Linear layers (or subclasses) and "
+                             "transformers' Conv1D can be adapted")
     if not found:
-        raise ValueError(f"no nn.Linear layer matches targets {list(targets)}")
+        have = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if adaptable(m)})
+        raise ValueError(f"no layer matches targets {list(targets)}: give module-name suffixes; this "
+                         f"model's linear layers are named {', '.join(have[:12]) or '(none)'}")
     return found
 
 
@@ -161,8 +208,10 @@ def replace(model, name, new):
 
 def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
-    for name, linear in find_targets(model, cfg.targets).items():
-        replace(model, name, SoRALinear(linear, cfg).train(linear.training))  # a model in eval mode stays so
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("the model already has an adapter: apply() once, to a model without one")
+    for name, layer in find_targets(model, cfg.targets).items():
+        replace(model, name, SoRALinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model
@@ -172,10 +221,24 @@ def layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SoRALinear)}
 
 
+def config(model):
+    """The Config apply() was given (every adapted layer holds it)."""
+    for m in layers(model).values():
+        return m.cfg
+    raise ValueError("the model has no SoRA adapter: call apply(model, cfg) first")
+
+
+def check_step(step, total_steps):
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside 1..{total_steps}: steps count optimizer steps from 1, "
+                         "and total_steps must be the run's true length")
+
+
 # --- training hooks -------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
     """A and B as in LoRA; the gates in a group of their own without weight decay (only the ℓ1 prox)."""
+    config(model)
     ls = layers(model).values()
     return [{"params": [p for m in ls for p in (m.lora_A, m.lora_B)], "lr": lr, "weight_decay": weight_decay},
             {"params": [m.lora_gate for m in ls], "lr": lr, "weight_decay": 0.0}]
@@ -186,7 +249,7 @@ def extra_loss(model):
 
 
 def after_backward(model, step, total_steps):
-    pass
+    check_step(step, total_steps)
 
 
 def lam_at(cfg, step, total_steps):
@@ -199,22 +262,16 @@ def lam_at(cfg, step, total_steps):
 
 @torch.no_grad()
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    """The proximal step on every gate, xi = lr * lam with the lr its group's step just used."""
+    """The proximal step on every gate, xi = lr * lam, with the lr its group's step just used: the
+    scheduler steps after this hook, so group["lr"] is still that step's."""
+    check_step(step, total_steps)
     ls = list(layers(model).values())
-    lam = lam_at(ls[0].cfg, step, total_steps)
+    lam = lam_at(config(model), step, total_steps)
     gates = {id(m.lora_gate) for m in ls}
     for group in optimizer.param_groups:
-        mine = [p for p in group["params"] if id(p) in gates]
-        if not mine:
-            continue
-        # train.py steps the lr scheduler before this hook, so group["lr"] is already the next step's;
-        # keep it for the next call (the first call, with nothing kept, uses it as is: a warmup step
-        # early). Read as is on every step, a cosine decay to 0 would give xi = 0 on the last step and
-        # let every dead gate revive by a hair. The key rides along in the optimizer's state_dict.
-        xi = group.get("prox_lr", group["lr"]) * lam
-        group["prox_lr"] = group["lr"]
-        for p in mine:
-            p.copy_(soft_threshold(p, xi))
+        for p in group["params"]:
+            if id(p) in gates:
+                p.copy_(soft_threshold(p, group["lr"] * lam))
     live = torch.cat([m.lora_gate for m in ls]).count_nonzero()
     return {"live_rank": int(live), "lam": lam}
 
@@ -234,10 +291,8 @@ def to_lora(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold the pruned ΔW into W0 and put plain nn.Linear layers back: zero inference overhead."""
+    """Fold the pruned ΔW into W0 and put the original layers back: zero inference overhead."""
     for name, m in layers(model).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
-        plain.weight, plain.bias = m.weight, m.bias
-        replace(model, name, plain)
+        replace(model, name, m.base)
     return model

@@ -75,35 +75,17 @@ def tiny_checkpoint(tmp_path_factory):
                             tiny_llama(vocab_size=259, max_seq_len=512, dim=32))
 
 
-def check_layer_merge(model, layer, x):
-    """merge twice == merge once, merged forward == unmerged, unmerge (twice) restores W0 bit for bit."""
-    w0, y = layer.weight.detach().clone(), model(x)
-    layer.merge()
-    merged = layer.weight.detach().clone()
-    layer.merge()
-    assert torch.equal(layer.weight, merged)
-    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
-    layer.unmerge()
-    layer.unmerge()
-    assert torch.equal(layer.weight, w0)
-    assert torch.equal(model(x), y)
-
-
 def drive(method, model, steps=3, lr=1e-2, seed=0):
-    """A few optimizer steps driven exactly like train.py; returns after_step's figures per step."""
+    """A few train.train_step steps on random tokens (constant lr); returns after_step's figures per step."""
+    import train
+
     g = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(method.param_groups(model, lr, 0.01))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     figures = []
     for step in range(1, steps + 1):
         x = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=g)
-        loss = model.loss(x[:, :-1], x[:, 1:]) + method.extra_loss(model)
-        loss.backward()
-        method.after_backward(model, step, steps)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        figures.append(method.after_step(model, opt, step, steps))
-        opt.zero_grad(set_to_none=True)
+        figures.append(train.train_step(model, method, opt, sched, [(x[:, :-1], x[:, 1:])], step, steps)[1])
     model.eval()
     return figures

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from conftest import check_layer_merge, drive, tiny_gpt, tiny_llama
+from conftest import drive, tiny_gpt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,7 +61,7 @@ def randomise(model, seed=0, keep_v=False):
 
 
 def train_steps(model, steps=3, lr=3e-2, seed=0):
-    """A few optimizer steps driven exactly like train.py; the method logs nothing."""
+    """A few steps of train.train_step; the method logs nothing."""
     assert all(f == {} for f in drive(mosara, model, steps, lr, seed))
     return model
 
@@ -140,13 +140,6 @@ def test_router_weights_are_mean_gates_of_the_last_forward(tiny_model):
 
 # --- the adapter -----------------------------------------------------------------------------------
 
-def test_delta_w_is_zero_at_init(tiny_model):
-    x = torch.randint(0, 97, (2, 12))
-    base = tiny_model(x)
-    mosara.apply(tiny_model, mosara.Config())
-    assert torch.equal(tiny_model(x), base)
-
-
 @pytest.mark.parametrize("m", [1, 5])
 def test_trainable_count_is_m_k_plus_out_plus_k_plus_m(tiny_model, m):
     mosara.apply(tiny_model, mosara.Config(threshold=0.5, heads=m))
@@ -170,24 +163,6 @@ def test_one_head_to_lora_reproduces_the_forward(out, inp, seed, t):
     assert A.shape == (model.proj.lora_U.shape[1], inp) and B.shape == (out, A.shape[0])
     expected = x @ model.proj.weight.T + model.proj.bias + (x @ A.T) @ B.T
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-
-
-@FAST
-@given(out=dims, inp=dims, seed=seeds, t=thresholds)
-def test_one_head_layer_merge_is_idempotent_and_unmerge_restores_w0(out, inp, seed, t):
-    model = randomise(one(out, inp, seed, t, 1), seed)
-    layer, x = model.proj, torch.randn(5, inp)
-    check_layer_merge(model, layer, x)
-
-
-def test_one_head_merge_equals_unmerged_forward(tiny_model):
-    x = torch.randint(0, 97, (2, 12))
-    randomise(mosara.apply(tiny_model, mosara.Config(heads=1)))
-    y = tiny_model(x)
-    mosara.merge(tiny_model)
-    assert not mosara.layers(tiny_model)
-    assert all(type(m) is nn.Linear for m in mosara.find_targets(tiny_model, ("q", "v")).values())
-    torch.testing.assert_close(tiny_model(x), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
 
 
 def test_several_heads_refuse_to_merge_and_leave_the_model_untouched(tiny_model):
@@ -227,17 +202,6 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical(tiny_model):
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     # v moves at step 1; then lambda and the router get gradients too
     assert all(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt])
-def test_save_and_load_give_identical_logits(tmp_path, make):
-    cfg = mosara.Config(threshold=0.5, heads=3)
-    model = train_steps(mosara.apply(make(), cfg))
-    methods.save_adapter(model, tmp_path, "mosara", cfg, model_config=dataclasses.asdict(model.cfg))
-    fresh = methods.load_adapter(make(), tmp_path)
-    x = torch.randint(0, 97, (2, 12))
-    assert torch.equal(fresh(x), model(x))
-    assert mosara.ranks(fresh) == mosara.ranks(model)
 
 
 @pytest.mark.parametrize("kw", [dict(threshold=0.0), dict(threshold=1.01), dict(threshold=float("nan")),

@@ -1,5 +1,4 @@
 """eval.py --plot and --markdown (plots.py) on adapters trained for a few steps on a tiny checkpoint."""
-import dataclasses
 import json
 import re
 import subprocess
@@ -52,7 +51,7 @@ def received(calls, fn, path):
 
 def loaded(checkpoint, adapter_dir):
     model, tok = models.load(checkpoint)
-    return methods.load_adapter(model, adapter_dir).eval(), tok
+    return methods.load_adapter(model, adapter_dir)[0].eval(), tok
 
 
 def test_plot_writes_a_png_per_figure_and_no_rows(plotted):
@@ -137,26 +136,28 @@ def test_markdown_rows_parse_back_to_the_json_rows(runs, tiny_checkpoint, tmp_pa
             assert int(m) * 60 + int(s) == int(row["train_seconds"])
 
 
-def test_flags_are_the_non_defaults_and_train_the_same_run(runs):
+def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     meta = methods.read_config(runs["lora"])
-    flags = plots.train_flags(meta)
+    flags = meta["recipe"]
     assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --r 4"
+    assert plots.run_facts(runs["lora"], meta)["flags"] == flags  # the table shows what train.py recorded
     args, _, cfg = train.parse_args(["--method", "lora", *flags.split()])
     assert methods.config_from_dict(methods.get("lora"), meta["config"]) == cfg
-    recipe = set(vars(args)) - plots.NOT_RECIPE - set(meta["config"])
-    assert {k: meta["train_args"][k] for k in recipe} == {k: vars(args)[k] for k in recipe}
-    assert plots.train_flags(methods.read_config(runs["sora"])) == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
+    same = set(vars(args)) - train.NOT_RECIPE - set(meta["config"])
+    assert {k: meta["train_args"][k] for k in same} == {k: vars(args)[k] for k in same}
+    assert methods.read_config(runs["sora"])["recipe"] == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
 
 
 @pytest.mark.parametrize("data_flags, prompt, shown", [
     ([], "chat", ""), ([], "alpaca", "--prompt alpaca"),
     (["--task", "commonsense"], "alpaca", ""), (["--task", "commonsense"], "chat", "--prompt chat"),
     (["--data", "math"], "alpaca", ""), (["--task", "shakespeare"], None, ""),
+    (["--steps", "40"], None, "--steps 40"),  # the default warmup follows --steps: not a flag of its own
+    (["--method", "alora", "--r", "4"], None, "--r 4"),  # rmax follows r: not a flag of its own
 ])
-def test_the_prompt_is_a_flag_only_where_it_is_not_the_datas_own(data_flags, prompt, shown):
-    args, _, cfg = train.parse_args(["--method", "lora", *data_flags, *(["--prompt", prompt] if prompt else [])])
-    meta = {"method": "lora", "config": dataclasses.asdict(cfg), "train_args": {**vars(args), "out": str(args.out)}}
-    assert plots.train_flags(meta) == shown
+def test_the_recipe_holds_only_flags_that_are_not_defaults_for_this_data_and_length(data_flags, prompt, shown):
+    args, _, _ = train.parse_args(["--method", "lora", *data_flags, *(["--prompt", prompt] if prompt else [])])
+    assert train.recipe(args) == shown
 
 
 @pytest.mark.parametrize("bench", ["builtin", "math", "commonsense", "shakespeare"])

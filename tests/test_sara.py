@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from conftest import check_layer_merge, drive, tiny_gpt, tiny_llama
+from conftest import drive, tiny_gpt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,7 +61,7 @@ def randomise(model, seed=0):
 
 
 def train_steps(model, cfg, steps=3, lr=1e-2, seed=0):
-    """A few optimizer steps driven exactly like train.py; the method logs nothing."""
+    """A few steps of train.train_step; the method logs nothing."""
     assert all(f == {} for f in drive(sara, model, steps, lr, seed))
     return model
 
@@ -163,24 +163,6 @@ def test_to_lora_reproduces_the_forward(out, inp, seed, t):
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@FAST
-@given(out=dims, inp=dims, seed=st.integers(0, 10**6), t=thresholds)
-def test_layer_merge_is_idempotent_and_unmerge_restores_w0(out, inp, seed, t):
-    model = randomise(sara.apply(One(matrix(out, inp, seed)), sara.Config(threshold=t, targets=("proj",))), seed)
-    layer, x = model.proj, torch.randn(5, inp)
-    check_layer_merge(model, layer, x)
-
-
-def test_merge_equals_unmerged_forward(tiny_model):
-    x = torch.randint(0, 97, (2, 12))
-    randomise(sara.apply(tiny_model, sara.Config(threshold=0.3)))
-    y = tiny_model(x)
-    sara.merge(tiny_model)
-    assert not sara.layers(tiny_model)
-    assert all(type(m) is nn.Linear for m in sara.find_targets(tiny_model, ("q", "v")).values())
-    torch.testing.assert_close(tiny_model(x), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
-
-
 def test_only_adapters_train_and_base_weights_stay_bit_identical(tiny_model):
     base = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     cfg = sara.Config(threshold=0.3)
@@ -234,17 +216,6 @@ def test_training_lowers_the_loss():
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert model.loss(x[:, :-1], x[:, 1:]).item() < first - 0.1
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt])
-def test_save_and_load_give_identical_logits(tmp_path, make):
-    cfg = sara.Config(threshold=0.3)
-    model = train_steps(sara.apply(make(), cfg), cfg)
-    methods.save_adapter(model, tmp_path, "sara", cfg, model_config=dataclasses.asdict(model.cfg))
-    fresh = methods.load_adapter(make(), tmp_path)
-    x = torch.randint(0, 97, (2, 12))
-    assert torch.equal(fresh(x), model(x))
-    assert sara.ranks(fresh) == sara.ranks(model)
 
 
 @pytest.mark.parametrize("kw", [dict(threshold=0.0), dict(threshold=1.5), dict(threshold=float("nan")),

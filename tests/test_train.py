@@ -30,7 +30,8 @@ def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
     assert log[-1]["step"] == 24 and all({"step", "loss", "lr", "tokens_per_s"} <= rec.keys() for rec in log)
 
     model, _ = models.load(tiny_checkpoint)
-    methods.load_adapter(model, out)
+    model, meta = methods.load_adapter(model, out)
+    assert meta["method"] == name and meta["train_args"]["steps"] == 24
     assert sum(t.numel() for k, t in model.named_parameters() if "lora_" in k) > 0
     rows = evaluate.main(["--model", str(tiny_checkpoint), "--adapter", str(out), "--limit", "3",
                           "--max-new-tokens", "4", "--json", str(tmp_path / "rows.json")])
