@@ -32,6 +32,12 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
       6 dim T (T + 1). Flash attention's recomputation in backward is not counted.
       A LoRA step adds 6 r (in + out) per adapted module and token (forward 2, input and weight
       gradients 4).
+- Mixed precision (--dtype, default bf16): the frozen base stored and computed in that dtype, the
+  adapter in float32. Every step and peak memory above again on that base, each over its float32
+  figure; ours against peft on the same low-precision weights; the frozen step's share of that
+  dtype's GEMM rate; greedy generation tokens/s (4 prompts of 16 random tokens, 32 new tokens
+  each) against float32; and models.load's time and peak RSS per dtype, each in a fresh process
+  (an RSS high-water mark belongs to a process), next to a process that only imports.
 - SARA and Mo-SARA initialisation: the methods' own apply (SARA: singular values only, in float64;
   Mo-SARA: one float32 SVD, truncated to the top-k vectors) against a full float32
   torch.linalg.svd of the same matrices: the model's target matrices, and (once) a random n x n one.
@@ -39,9 +45,11 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
 import argparse
 import contextlib
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -71,7 +79,22 @@ TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
     "ours_over_peft_memory": (1.00, "our LoRA peak memory / peft's"),
     "merged_forward_over_base_forward": (1.02, "merged LoRA forward / base forward"),
     "sora_step_over_adalora_step": (0.80, "SoRA step / AdaLoRA step"),
+    **{f"{n}_low_over_fp32_step": (0.55, f"{n} step, --dtype / fp32") for n in methods.NAMES},
+    **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in methods.NAMES},
+    "ours_over_peft_low_step": (1.00, "our LoRA step / peft's, both --dtype"),
+    "ours_over_peft_low_memory": (1.00, "our LoRA memory / peft's, both --dtype"),
 }
+# a fresh process loads the model; VmHWM is its own RSS high-water mark (getrusage's ru_maxrss
+# would carry over the parent's across exec)
+LOAD = """import json, re, sys, time
+import models
+t = time.perf_counter()
+if sys.argv[2] != "none":
+    models.load(None if sys.argv[1] == "-" else sys.argv[1], models.DTYPES[sys.argv[2]])
+seconds = time.perf_counter() - t
+with open("/proc/self/status") as f:
+    hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read())[1])
+print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm / 1024}))"""
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -111,9 +134,9 @@ def interleaved(fns, repeats, device):
     return times
 
 
-def gemm_gflops(n, repeats, device):
-    """Median fp32 GFLOP/s of an (n, n) @ (n, n) matmul: the most this machine's matmuls reach."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gemm_gflops(n, repeats, device, dtype=torch.float32):
+    """Median GFLOP/s of an (n, n) @ (n, n) matmul in `dtype`: the most this machine's matmuls reach."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b  # the first call pays for thread pools and workspaces
     times = interleaved({"gemm": lambda: a @ b}, repeats, device)["gemm"]
     return 2 * n ** 3 / statistics.median(times) / 1e9
@@ -257,7 +280,8 @@ class HFLoss(nn.Module):
 
     def loss(self, idx, targets):
         logits = self.hf(input_ids=idx).logits  # (B, T, vocab), the same positions as ours
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        # log-softmax in float32, as ours and transformers' own loss compute it in any dtype
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def hf_llama(model):
@@ -370,6 +394,53 @@ def random_matrix_holder(n, device):
     return holder
 
 
+def bench_generate(bases, repeats, device, new_tokens=32):
+    """Greedy generation tokens/s of each model in `bases` (name -> model), interleaved."""
+    g = torch.Generator().manual_seed(1)
+    vocab = next(iter(bases.values())).cfg.vocab_size
+    prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(4)]
+    fns = {name: (lambda m=m: m.generate(prompts, new_tokens)) for name, m in bases.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    return {n: len(prompts) * new_tokens / statistics.median(t) for n, t in interleaved(fns, repeats, device).items()}
+
+
+def load_costs(source, names):
+    """name -> {seconds, peak_rss_mb} of models.load in each dtype ("none": import only), each in a
+    fresh process."""
+    out = {}
+    for name in names:
+        r = subprocess.run([sys.executable, "-c", LOAD, source or "-", name], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        out[name] = json.loads(r.stdout.splitlines()[-1])
+    return out
+
+
+def bench_dtype(args, base, batch, steps32, dtype, with_peft):
+    """The step, memory, GEMM, generation and loading figures of a `dtype` base against float32's."""
+    low = copy.deepcopy(base).to(dtype)
+    hf = hf_llama(low) if with_peft else None
+    steps = bench_steps(low, batch, args.repeats, args.device, hf)
+    out = {"dtype": str(dtype).removeprefix("torch."), "steps": steps}
+    for n in steps:
+        out[f"{n}_low_over_fp32_step"] = steps[n]["median_s"] / steps32[n]["median_s"]
+        out[f"{n}_low_over_fp32_memory"] = steps[n]["peak_bytes"] / steps32[n]["peak_bytes"]
+    if "peft" in steps:
+        out["ours_over_peft_low_step"] = steps["lora"]["median_s"] / steps["peft"]["median_s"]
+        out["ours_over_peft_low_memory"] = steps["lora"]["peak_bytes"] / steps["peft"]["peak_bytes"]
+    out["gemm_gflops"] = gemm_gflops(args.gemm_size, 5, args.device, dtype)
+    out["frozen_step_fraction_of_gemm"] = (step_flops(low, args.batch_size, args.seq_len) / steps["frozen"]["median_s"]
+                                           / 1e9 / out["gemm_gflops"])
+    print("generation", file=sys.stderr, flush=True)
+    out["generate_tokens_per_s"] = bench_generate({"float32": base, out["dtype"]: low}, max(3, args.repeats),
+                                                  args.device)
+    if not args.size and args.device.type == "cpu" and os.path.exists("/proc/self/status"):  # VmHWM: Linux
+        print("loading in fresh processes", file=sys.stderr, flush=True)
+        short = next(k for k, v in models.DTYPES.items() if v == dtype)
+        out["load"] = load_costs(args.model, ["none", "fp32", short])
+    return out
+
+
 def bench_init(base, svd_size, repeats, device):
     lora = methods.get("lora")  # finds SARA's default targets by name without an SVD
     targets = list(lora.ranks(lora.apply(share_base(base), lora.Config(targets=methods.get("sara").Config().targets))))
@@ -396,6 +467,8 @@ def parse_args(argv):
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the matmul that measures GFLOP/s")
     p.add_argument("--no-peft", action="store_true", help="leave peft out even where it is installed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="bf16",
+                   help="the low-precision base compared with float32 (fp32: no comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
@@ -468,6 +541,11 @@ def main(argv=None):
     res["forward_s"] = fwd
     res["merged_forward_over_base_forward"] = fwd["merged"] / fwd["base"]
 
+    dtype = models.pick_dtype(args.dtype, args.device)[0]
+    if dtype != torch.float32:
+        res["dtype"] = bench_dtype(args, base, batch, res["steps"], dtype, hf is not None)
+        res.update((k, v) for k, v in res["dtype"].items() if k.endswith(("_step", "_memory")))
+
     gemm = gemm_gflops(args.gemm_size, 5, args.device)
     lora = methods.get("lora")
     flops = {"frozen": step_flops(base, args.batch_size, args.seq_len)}
@@ -525,6 +603,21 @@ def report(res):
         i = res["init"][key]
         lines.append(f"init on {what} ({i['matrices']}: {', '.join(i['shapes'])}): SARA {i['sara']:.2f} s, "
                      f"Mo-SARA {i['mosara']:.2f} s, full SVD {i['full_svd']:.2f} s")
+    if "dtype" in res:
+        d, name = res["dtype"], res["dtype"]["dtype"]
+        lines += ["", f"{name} base, float32 adapter:",
+                  f"{'variant':<8} {'step s':>8} {'x fp32':>8} {'peak MB':>9} {'x fp32':>8}"]
+        for n, v in d["steps"].items():
+            lines.append(f"{n:<8} {v['median_s']:>8.3f} {d[n + '_low_over_fp32_step']:>8.3f} "
+                         f"{v['peak_bytes'] / 2 ** 20:>9.0f} {d[n + '_low_over_fp32_memory']:>8.3f}")
+        gen = d["generate_tokens_per_s"]
+        lines += [f"GEMM {name} {g['n']}^3: {d['gemm_gflops']:.1f} GFLOP/s; frozen step at "
+                  f"{100 * d['frozen_step_fraction_of_gemm']:.0f}% of it",
+                  f"generation: {gen[name]:.1f} tokens/s in {name}, {gen['float32']:.1f} in float32 "
+                  f"({gen[name] / gen['float32']:.2f}x)"]
+        if "load" in d:
+            lines.append("load (fresh process each): " + "; ".join(
+                f"{k} {v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in d["load"].items()))
     lines += ["", "targets:"]
     for k, t in res["targets"].items():
         lines.append(f"  {TARGETS[k][1]:<34} {t['value']:>6.3f} <= {t['at_most']:.2f}  "

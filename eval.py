@@ -46,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="(default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
+                   help="the model's dtype; adapters compute in float32 (auto: bf16 where this CPU runs it fast)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",
@@ -117,7 +119,9 @@ def with_adapter(base, adapter_dir):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    base, tok = models.load(args.model)
+    dtype, why = models.pick_dtype(args.dtype, "cpu")
+    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+    base, tok = models.load(args.model, dtype)
     data.need_tokenizer(tok)
     base_params = sum(p.numel() for p in base.parameters())
     if args.text:

@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--base-name", default=None, help="base_model_name_or_path in adapter_config.json (default: "
                    f"{DEFAULT_HF_ID} for the default model, else the --model path)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32", help="the dtype of the "
+                   "exported weights (hf, merged: the merge adds ΔW in float32 and rounds once); PEFT adapters stay float32")
     p.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
     args = p.parse_args(argv)
     if args.format not in FORMATS:
@@ -106,7 +108,7 @@ def write_hf(out, model, source):
 
     tensors = hf_state_dict(model)
     methods.atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config = hf_config(model.cfg)
+    config = hf_config(model.cfg, model.lm_head.weight.dtype)
     path = Path(models.resolve(source))
     if path.is_dir():
         for name in TOKENIZER_FILES:
@@ -153,7 +155,7 @@ def base_name(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    model, _ = models.load(args.model)
+    model, _ = models.load(args.model, models.pick_dtype(args.dtype, "cpu")[0])
     method = None
     if args.adapter:
         model, meta = methods.load_adapter(model, args.adapter)

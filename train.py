@@ -86,6 +86,8 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32", help="the frozen base's dtype; "
+                   "the adapter stays float32 (auto: bf16 where the hardware runs it fast; fp16: CUDA only)")
     group = p.add_argument_group(f"{known.method} method flags")
     add_config_flags(group, method.Config)
     args = p.parse_args(argv)
@@ -166,16 +168,18 @@ def method_state(model, base_buffers):
             if k not in base_buffers and k not in adapter}
 
 
-def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args):
+def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args, scaler=None):
     state = {"adapter": methods.adapter_state(model), "method_state": method_state(model, base_buffers),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
              "rng": torch.get_rng_state(), "train_args": run_args}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
+    if scaler:
+        state["scaler"] = scaler.state_dict()
     methods.atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path, model, opt, sched, run_args):
+def load_checkpoint(path, model, opt, sched, run_args, scaler=None):
     """Restore everything save_checkpoint wrote; returns the step it was taken after."""
     try:
         state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
@@ -194,6 +198,8 @@ def load_checkpoint(path, model, opt, sched, run_args):
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if scaler and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
     return state["step"]
@@ -249,6 +255,11 @@ def reduce_grads(params, world):
         g.copy_(r.view_as(g))
 
 
+def to_device(t, device):
+    """To a GPU through pinned memory, so the copy does not wait for the host; elsewhere as is."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def step_batches(train_set, args, step, rank, world, device):
     """This process's micro-batches of optimizer step `step`: each global micro-batch is cut into
     `world` row blocks, so N processes see exactly the examples one process would."""
@@ -258,15 +269,16 @@ def step_batches(train_set, args, step, rank, world, device):
         x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
         x, y = x[rank::world], y[rank::world]
         width = int((y != -100).nonzero()[:, 1].max()) + 1  # this share's padding-only columns go
-        out.append((x[:, :width].to(device), y[:, :width].to(device)))
+        out.append((to_device(x[:, :width], device), to_device(y[:, :width], device)))
     return out
 
 
-def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, val_loss=None, world=1):
+def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, val_loss=None, world=1, scaler=None):
     """One optimizer step over this process's micro-batches [(x, y), ...], every method hook in the
     order each method file's Usage block states: forward, task loss + extra_loss, backward,
     after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
-    from 1 to total_steps. Returns (the step's loss, the figures after_step reports).
+    from 1 to total_steps. With fp16, `scaler` (a GradScaler) scales the loss; the gradients are
+    unscaled before the hooks see them. Returns (the step's loss, the figures after_step reports).
     bench.py times this very function."""
     trainable = [p for g in opt.param_groups for p in g["params"]]
     # every target token of the global batch weighs the same, however the batch is split
@@ -274,17 +286,23 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     step_loss = 0.0
     for x, y in batches:
         loss = model.loss(x, y) * ((y != -100).sum() / n_targets) + method.extra_loss(model) / (len(batches) * world)
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         step_loss = step_loss + loss.detach()
     step_loss = all_sum(step_loss, world).item()
     if not math.isfinite(step_loss):
         raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
                                  "(the last checkpoint, if any, is kept)")
     reduce_grads(trainable, world)
+    if scaler:
+        scaler.unscale_(opt)
     method.after_backward(model, step, total_steps)
     if clip:
         torch.nn.utils.clip_grad_norm_(trainable, clip)
-    opt.step()
+    if scaler:
+        scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        opt.step()
     if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
         raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
                                  "(the last checkpoint, if any, is kept)")
@@ -308,6 +326,12 @@ def main(argv=None):
         raise ValueError(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} examples per "
                          f"micro-batch do not split evenly over {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)  # process 0 speaks for all
+    dtype, why = models.pick_dtype(args.dtype, device)
+    if world > 1:  # auto measures per process: process 0's choice holds for all
+        choice = torch.tensor([list(models.DTYPES.values()).index(dtype)], device=device)
+        dist.broadcast(choice, 0)
+        dtype = list(models.DTYPES.values())[int(choice)]
+    say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
     ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
     if ckpt.exists() and not args.resume:
         raise ValueError(f"{ckpt} holds an unfinished run: add --resume to continue it, or choose another --out")
@@ -316,7 +340,7 @@ def main(argv=None):
         return json.loads((args.out / "summary.json").read_text())
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model, tok = models.load(args.model)
+    model, tok = models.load(args.model, dtype)
     if args.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     base_params = sum(p.numel() for p in model.parameters())
@@ -335,8 +359,9 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(method.param_groups(model, args.lr, args.weight_decay), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     val_loss = val_closure(model, val_batch)
-    start = load_checkpoint(ckpt, model, opt, sched, run_args) if args.resume and ckpt.exists() else 0
+    start = load_checkpoint(ckpt, model, opt, sched, run_args, scaler) if args.resume and ckpt.exists() else 0
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
@@ -352,7 +377,8 @@ def main(argv=None):
     for step in range(start + 1, args.steps + 1):
         batches = step_batches(train_set, args, step, rank, world, device)
         lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
-        step_loss, figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip, val_loss, world)
+        step_loss, figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip, val_loss,
+                                        world, scaler)
         tokens += sum(x.numel() for x, _ in batches) * world
 
         loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
@@ -370,7 +396,7 @@ def main(argv=None):
                 f"{tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
         if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
             methods.save_adapter(model, args.out, args.method, cfg, **info)
-            save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args)
+            save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args, scaler)
 
     model.eval()
     ranks = method.ranks(model)

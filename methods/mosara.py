@@ -35,6 +35,8 @@ Usage: this file needs only torch. `model` is any PyTorch model whose target lay
 Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
 file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
 after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+On a bf16 or fp16 model the adapter's parameters (and so their gradients and optimizer state)
+stay float32; its matmuls run in the model's dtype, as autocast's would; merge rounds W0 + ΔW once.
 
     import torch
     import mosara as method
@@ -151,10 +153,11 @@ class MoSARALinear(nn.Module):
         y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        z = F.linear(dropout(x, self.p, self.training), self.lora_V)  # (..., k)
-        g = self.gates(z)
+        dt = x.dtype  # matmuls in the model's dtype (autocast's rule); the tiny router in float32
+        z = F.linear(dropout(x, self.p, self.training), self.lora_V.to(dt))  # (..., k)
+        g = self.gates(z.to(self.lora_w1.dtype))
         self.gate_mean = g.detach().reshape(-1, g.shape[-1]).mean(0)  # a tiny reduction, kept for the heatmap
-        return y + F.linear(z * (g @ self.lora_lam), self.lora_U) * self.lora_v
+        return y + F.linear(z * (g @ self.lora_lam).to(dt), self.lora_U.to(dt)) * self.lora_v.to(dt)
 
     @torch.no_grad()
     def merge(self):
@@ -164,7 +167,8 @@ class MoSARALinear(nn.Module):
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
+            wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
+            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
 
     @torch.no_grad()
     def unmerge(self):

@@ -32,6 +32,8 @@ Usage: this file needs only torch. `model` is any PyTorch model whose target lay
 Qwen2 or GPT-2. `task_loss(model, batch)` is yours. The hook order is the contract of every method
 file: forward, loss + extra_loss, backward, after_backward (raw gradients), clip, optimizer.step,
 after_step, scheduler.step. `step` counts optimizer steps from 1; `total_steps` is the run's length.
+On a bf16 or fp16 model the adapter's parameters (and so their gradients and optimizer state)
+stay float32; its matmuls run in the model's dtype, as autocast's would; merge rounds W0 + ΔW once.
 
     import torch
     import sara as method
@@ -145,7 +147,8 @@ class SARALinear(nn.Module):
         y = self.base(x)
         if self.w0 is not None:  # merged: ΔW is already inside weight
             return y
-        return y + F.linear(F.linear(dropout(x, self.p, self.training), self.lora_V) * self.lora_lam, self.lora_U)
+        x, dt = dropout(x, self.p, self.training), x.dtype  # matmuls in the model's dtype (autocast's rule)
+        return y + F.linear(F.linear(x, self.lora_V.to(dt)) * self.lora_lam.to(dt), self.lora_U.to(dt))
 
     @torch.no_grad()
     def merge(self):
@@ -155,7 +158,8 @@ class SARALinear(nn.Module):
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
             self.w0 = self.weight.detach().clone()
-            self.weight += (delta.T if self.transposed else delta).to(self.weight.dtype)
+            wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
+            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
 
     @torch.no_grad()
     def unmerge(self):

@@ -35,8 +35,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x):  # in float32 whatever the model's dtype, as transformers computes it
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def llama3_scaling(inv_freq, s):
@@ -115,12 +116,14 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        hd = cfg.dim // cfg.n_heads
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)  # (hd/2,)
-        if cfg.rope_scaling:
-            inv_freq = llama3_scaling(inv_freq, cfg.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.apply(self._init)
+
+    def inv_freq(self, device):
+        """RoPE's frequencies (hd/2,), float32 whatever the model's dtype: computed per call, so no
+        buffer is ever cast to bf16 with the weights (positions need float32)."""
+        hd = self.cfg.dim // self.cfg.n_heads
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
+        return llama3_scaling(inv_freq, self.cfg.rope_scaling) if self.cfg.rope_scaling else inv_freq
 
     @staticmethod
     def _init(m):
@@ -132,10 +135,10 @@ class Llama(nn.Module):
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        freqs = pos[..., None].float() * self.inv_freq(idx.device)  # (B, T, hd/2)
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(idx)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, cache)
         if cache is not None:

@@ -35,10 +35,11 @@ def attend(q, k, v, layer, cache=None):
 
 
 def loss(model, idx, targets):
-    """Mean cross-entropy over positions whose target is not -100 (the head runs only there)."""
+    """Mean cross-entropy over positions whose target is not -100 (the head runs only there),
+    log-softmax in float32 whatever the model's dtype."""
     h = model.hidden(idx)
     keep = targets != -100
-    return F.cross_entropy(model.lm_head(h[keep]), targets[keep])
+    return F.cross_entropy(model.lm_head(h[keep]).float(), targets[keep])
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def gguf_reader(path):
     return Reader(str(path))
 
 
-def read_gguf(path):
+def read_gguf(path, dtype=torch.float32):
     import gguf
 
     reader = gguf_reader(path)
@@ -81,7 +81,8 @@ def read_gguf(path):
 
     def load(t):
         a = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (out, in) for matrices
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: GGUF data is read-only
+        # a copy (GGUF data is read-only), in `dtype` at once: one float32 tensor at a time is alive
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)
 
     sd = {}
     for name, t in tensors.items():
@@ -158,7 +159,7 @@ def gpt2_state_dict(raw):
     return sd
 
 
-def read_hf_dir(path):
+def read_hf_dir(path, dtype=torch.float32):
     path = Path(path)
     c = json.loads((path / "config.json").read_text())
     kind = c.get("model_type")
@@ -179,25 +180,26 @@ def read_hf_dir(path):
     if tokenizer is None:
         warnings.warn(f"{path} ships no tokenizer files (tokenizer.json, vocab.json + merges.txt, "
                       "tokenizer.model): the model loads, the tokenizer is None", stacklevel=3)
-    return cfg, {k: v.float() for k, v in sd.items()}, tokenizer
+    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tokenizer
 
 
 # ----------------------------------------------------------------------------- writing Hugging Face
 
-def hf_config(cfg):
+def hf_config(cfg, dtype=torch.float32):
     """config.json of the transformers model that matches `cfg` (old-style RoPE keys, which
-    transformers 4 and 5 and read_hf_dir all read)."""
+    transformers 4 and 5 and read_hf_dir all read), its weights stored in `dtype`."""
+    name = str(dtype).removeprefix("torch.")  # "bfloat16", as transformers 5 writes it
     if isinstance(cfg, GPTConfig):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
                 "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True, "torch_dtype": "float32"}
+                "activation_function": "gelu_new", "tie_word_embeddings": True, "dtype": name}
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-           "torch_dtype": "float32"}
+           "dtype": name}
     if cfg.rope_scaling:
         out["rope_scaling"] = cfg.rope_scaling
     return out

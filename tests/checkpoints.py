@@ -157,7 +157,7 @@ def llama_hf_tensors(model, inv_freq=False):
         del sd["lm_head.weight"]  # save_pretrained drops the shared copy
     if inv_freq:  # old checkpoints carry the rotary buffer; it must be ignored
         for i in range(model.cfg.n_layers):
-            sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = model.inv_freq.clone()
+            sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = model.inv_freq("cpu").clone()
     return sd
 
 

@@ -133,6 +133,13 @@ def test_the_whole_run_writes_every_figure(tmp_path, tiny_checkpoint):
     assert res["steps"]["peft"]["trainable_params"] == res["steps"]["lora"]["trainable_params"]
     assert res["init"]["random"]["shapes"] == ["16x16"] and res["init"]["model"]["matrices"] == 4  # q, v x 2 layers
     assert set(res["targets"]) == set(bench.TARGETS)
+    low = res["dtype"]  # the bf16 comparison, side by side with float32 in the same run
+    assert low["dtype"] == "bfloat16" and set(low["steps"]) == set(res["steps"])
+    assert all(low[f"{n}_low_over_fp32_step"] > 0 and low[f"{n}_low_over_fp32_memory"] > 0 for n in res["steps"])
+    assert low["ours_over_peft_low_step"] > 0 and low["gemm_gflops"] > 0 and 0 < low["frozen_step_fraction_of_gemm"]
+    assert set(low["generate_tokens_per_s"]) == {"float32", "bfloat16"}
+    assert set(low["load"]) == {"none", "fp32", "bf16"} and all(v["peak_rss_mb"] > 0 for v in low["load"].values())
+    assert "bfloat16 base, float32 adapter:" in bench.report(res)
 
 
 def test_a_size_builds_a_random_shape_and_peft_can_be_left_out(monkeypatch):
@@ -142,7 +149,9 @@ def test_a_size_builds_a_random_shape_and_peft_can_be_left_out(monkeypatch):
                       "--no-peft"])
     assert res["setup"]["model"] == "tiny_llama's shape" and res["setup"]["peft"] == "left out"
     assert "peft" not in res["steps"] and "ours_over_peft_step" not in res
-    assert set(res["targets"]) == set(bench.TARGETS) - {"ours_over_peft_step", "ours_over_peft_memory"}
+    assert set(res["targets"]) == set(bench.TARGETS) - {"ours_over_peft_step", "ours_over_peft_memory",
+                                                        "ours_over_peft_low_step", "ours_over_peft_low_memory"}
+    assert "load" not in res["dtype"]  # a random shape: nothing to load
     assert res["frozen_step_gflop"] == bench.step_flops(tiny_llama(), 4, 64) / 1e9
 
 

@@ -87,3 +87,19 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_log_gives_the_lr_each_step_used_and_sora_shrinks_by_it(tmp_path, tiny_checkpoint, monkeypatch):
+    """The scheduler steps after after_step: step 1 runs at lr / warmup, and SoRA's prox uses that lr."""
+    sora, seen = methods.get("sora"), []
+    real = sora.after_step
+
+    def spy(model, opt, step, total, **kw):
+        seen.append(opt.param_groups[1]["lr"])  # the gates' group, as after_step reads it
+        return real(model, opt, step, total, **kw)
+    monkeypatch.setattr(sora, "after_step", spy)
+    out = tmp_path / "run"
+    train.main(["--method", "sora", "--model", str(tiny_checkpoint), "--out", str(out), "--steps", "6", "--warmup", "4",
+                "--lr", "0.01", "--batch-size", "2", "--seq-len", "512", "--log-every", "1", "--val-size", "2"])
+    logged = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and logged == pytest.approx(seen)
