@@ -9,8 +9,8 @@ Prints a table and, with --json, writes every figure. Each time is the median ov
 visit the variants round-robin (each repeat starting one variant later), so a machine that slows
 down mid-run slows every variant alike and the ratios stay fair even when the absolute times don't.
 
-- Training step, per method at its default Config: train.train_step itself (forward, backward,
-  extra_loss, after_backward, gradient clipping, AdamW, the lr scheduler, after_step) on random
+- Training step, per method at its default Config: train.train_step itself (forward, task loss +
+  extra_loss, backward, after_backward, gradient clipping, AdamW, after_step, the lr scheduler) on random
   tokens, every position a target. The step is number 60 of 150: AdaLoRA is scoring and masking,
   SaLoRA's gates and multiplier train, and ALoRA's after_step holds no scoring round (a round costs
   1 + 2 x (live ranks) validation forwards, at steps 15 to 36 of 150 with the defaults; it is not

@@ -47,7 +47,7 @@ def parse_args(argv):
                    help="(default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
-                   help="the model's dtype; adapters compute in float32 (auto: bf16 where this CPU runs it fast)")
+                   help="the model's dtype; adapters keep float32 parameters (auto: bf16 where this CPU runs it fast)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",

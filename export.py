@@ -155,7 +155,8 @@ def base_name(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    model, _ = models.load(args.model, models.pick_dtype(args.dtype, "cpu")[0])
+    dtype = models.DTYPES.get(args.dtype) or models.pick_dtype("auto", "cpu")[0]  # fp16 too: nothing trains here
+    model, _ = models.load(args.model, dtype)
     method = None
     if args.adapter:
         model, meta = methods.load_adapter(model, args.adapter)

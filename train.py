@@ -278,7 +278,7 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     order each method file's Usage block states: forward, task loss + extra_loss, backward,
     after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
     from 1 to total_steps. With fp16, `scaler` (a GradScaler) scales the loss; the gradients are
-    unscaled before the hooks see them. Returns (the step's loss, the figures after_step reports).
+    unscaled before the hooks see them, and a step whose gradients overflowed is skipped whole. Returns (the step's loss, the figures after_step reports).
     bench.py times this very function."""
     trainable = [p for g in opt.param_groups for p in g["params"]]
     # every target token of the global batch weighs the same, however the batch is split
@@ -295,6 +295,12 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     reduce_grads(trainable, world)
     if scaler:
         scaler.unscale_(opt)
+        if not all(p.grad is None or p.grad.isfinite().all() for p in trainable):
+            scaler.step(opt)  # an fp16 overflow: no update, a smaller scale, and no hook sees inf
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            return step_loss, {}
     method.after_backward(model, step, total_steps)
     if clip:
         torch.nn.utils.clip_grad_norm_(trainable, clip)
@@ -332,6 +338,7 @@ def main(argv=None):
         dist.broadcast(choice, 0)
         dtype = list(models.DTYPES.values())[int(choice)]
     say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
+    args.dtype = next(k for k, v in models.DTYPES.items() if v == dtype)  # recorded (and resumed) as resolved
     ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
     if ckpt.exists() and not args.resume:
         raise ValueError(f"{ckpt} holds an unfinished run: add --resume to continue it, or choose another --out")

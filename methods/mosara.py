@@ -210,9 +210,12 @@ def apply(model, cfg: Config):
     """Freeze each target layer's top-k singular vectors, wrap it, freeze all but the adapters."""
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("the model already has an adapter: apply() once, to a model without one")
-    for name, layer in find_targets(model, cfg.targets).items():
-        U, V = top_singular(layer.weight.T if is_conv1d(layer) else layer.weight, cfg.threshold)  # W0 (out, in)
-        replace(model, name, MoSARALinear(layer, U, V, cfg))
+    targets = find_targets(model, cfg.targets)
+    # every SVD first, so a weight without a spectrum fails before any layer is wrapped
+    bases = {name: top_singular(layer.weight.T if is_conv1d(layer) else layer.weight, cfg.threshold)  # W0 (out, in)
+             for name, layer in targets.items()}
+    for name, layer in targets.items():
+        replace(model, name, MoSARALinear(layer, *bases[name], cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model

@@ -333,7 +333,7 @@ def after_backward(model, step, total_steps):
 
 @torch.no_grad()
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    c, cfg, lam = density(model), config(model), multiplier(model)
+    cfg, lam, c = config(model), multiplier(model), density(model)
     if in_window(model, step, total_steps):
         # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
         lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)

@@ -201,9 +201,11 @@ def apply(model, cfg: Config):
     """Give every target layer its own rank k from W0's spectrum, wrap it, freeze all but adapters."""
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("the model already has an adapter: apply() once, to a model without one")
-    for name, layer in find_targets(model, cfg.targets).items():
-        k = rank_for(layer.weight, cfg.threshold)  # the spectrum of W0 or W0ᵀ (Conv1D): the same
-        replace(model, name, SARALinear(layer, k, cfg))
+    targets = find_targets(model, cfg.targets)
+    # every k first, so a weight without a spectrum fails before any layer is wrapped
+    ks = {name: rank_for(layer.weight, cfg.threshold) for name, layer in targets.items()}  # W0 or W0ᵀ: the same
+    for name, layer in targets.items():
+        replace(model, name, SARALinear(layer, ks[name], cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model

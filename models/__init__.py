@@ -89,7 +89,7 @@ def pick_dtype(name, device):
     if name != "auto":
         return DTYPES[name], "as asked"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, f"{torch.cuda.get_device_name(device)} computes bf16 natively"
         return torch.float32, f"{torch.cuda.get_device_name(device)} has no fast bf16"
     if device.type == "cpu":

@@ -188,18 +188,18 @@ def read_hf_dir(path, dtype=torch.float32):
 def hf_config(cfg, dtype=torch.float32):
     """config.json of the transformers model that matches `cfg` (old-style RoPE keys, which
     transformers 4 and 5 and read_hf_dir all read), its weights stored in `dtype`."""
-    name = str(dtype).removeprefix("torch.")  # "bfloat16", as transformers 5 writes it
+    name = str(dtype).removeprefix("torch.")  # "bfloat16": transformers 5 reads "dtype", 4 "torch_dtype"
     if isinstance(cfg, GPTConfig):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
                 "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True, "dtype": name}
+                "activation_function": "gelu_new", "tie_word_embeddings": True, "dtype": name, "torch_dtype": name}
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-           "dtype": name}
+           "dtype": name, "torch_dtype": name}
     if cfg.rope_scaling:
         out["rope_scaling"] = cfg.rope_scaling
     return out

@@ -269,7 +269,7 @@ def usage_block(path):
 
 
 PREAMBLE = '''
-import importlib.util, sys
+import copy, importlib.util, sys
 import torch
 import torch.nn.functional as F
 assert importlib.util.find_spec("methods") is None and importlib.util.find_spec("models") is None
@@ -291,13 +291,16 @@ makers = (lambda: LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, in
               eos_token_id=1)))
 for dtype, make in [(dtype, make) for dtype in (torch.float32, torch.bfloat16) for make in makers]:
     torch.manual_seed(0)
-    model, base = make().to(dtype), make().to(dtype)
+    model = make().to(dtype)
+    base = copy.deepcopy(model)
     model.requires_grad_(False)
     total_steps, batches, val_batch = 6, data(0), next(data(1))
     probe = next(data(2))[0]
 '''
 CHECK = '''
     model.eval()
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    assert all(p.dtype == dtype for n, p in model.named_parameters() if "lora_" not in n)
     with torch.no_grad():
         unmerged, original = model(input_ids=probe).logits, base(input_ids=probe).logits
     assert not torch.equal(unmerged, original), "training changed nothing"
