@@ -1,7 +1,7 @@
 """The method contract, tested once for every method on four tiny random models: this library's
 Llama and GPT-2, and transformers' LlamaForCausalLM and GPT2LMHeadModel (GPT-2's Conv1D layers
-adapted as they are). Training is train.train_step itself. What is specific to one method lives in
-its own test file."""
+adapted as they are); transformers' Mistral and Qwen2 layouts take the default targets too.
+Training is train.train_step itself. What is specific to one method lives in its own test file."""
 import ast
 import copy
 import functools
@@ -387,3 +387,24 @@ def test_the_readme_trainer_glue_runs_every_hook_in_order(tmp_path):
     assert calls == [(hook, s, 4) for s in range(1, 5) for hook in ("after_backward", "after_step")]
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
     assert method.ranks(model) and sum(method.ranks(model).values()) == 4 * len(method.layers(model))
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2"])
+def test_mistral_and_qwen2_layouts_take_the_default_targets(name, kind):
+    import transformers
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{kind}Config")(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 bos_token_id=0, eos_token_id=1)
+    model = HFCausalLM(getattr(transformers, f"{kind}ForCausalLM")(cfg)).eval().requires_grad_(False)
+    y = logits(model)
+    method = methods.get(name)
+    method.apply(model, method.Config(**{k: v for k, v in CONFIGS[name].items()}))
+    assert {n.rsplit(".", 1)[-1] for n in method.layers(model)} == {"q_proj", "v_proj"}
+    assert torch.equal(logits(model), y)
+    run_steps(model, method)
+    trained_logits = logits(model)
+    assert not torch.equal(trained_logits, y)
+    method.merge(model)
+    torch.testing.assert_close(logits(model), trained_logits, rtol=1e-5, atol=1e-5)
