@@ -272,14 +272,17 @@ def method_variant(base, name, batch):
 
 
 class HFLoss(nn.Module):
-    """A transformers causal LM behind our model's `loss(idx, targets)`, so train_step drives it."""
+    """A transformers causal LM behind our model's forward and `loss(idx, targets)`, so train_step drives it."""
 
     def __init__(self, hf):
         super().__init__()
         self.hf = hf
 
+    def forward(self, idx):
+        return self.hf(input_ids=idx).logits
+
     def loss(self, idx, targets):
-        logits = self.hf(input_ids=idx).logits  # (B, T, vocab), the same positions as ours
+        logits = self(idx)  # (B, T, vocab), the same positions as ours
         # log-softmax in float32, as ours and transformers' own loss compute it in any dtype
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 

@@ -1,7 +1,7 @@
 """The SARA paper's benchmarks, offline after one download: what train.py and eval.py run on.
 
-    python train.py --method sara --data ../shared/data/sara-math --seq-len 512   # math (LLM-Adapters layout)
-    python eval.py --adapter out/sara --data ../shared/data/sara-math              # one column per test set
+    python train.py --method sara --data MATH_DIR --seq-len 512   # math: MATH_DIR in LLM-Adapters' layout
+    python eval.py --adapter out/sara --data MATH_DIR              # one column per test set
     python train.py --method lora --task commonsense --limit 500                   # 500 per task, seeded
     python eval.py --adapter out/lora --task commonsense --limit 100
     python train.py --method lora --task shakespeare --steps 300

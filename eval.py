@@ -2,7 +2,7 @@
 
     python eval.py --adapter out/lora out/sora            # accuracy on the built-in task's test split
     python eval.py --data test.json --limit 100 --json results.json
-    python eval.py --data ../shared/data/sara-math --adapter out/sara   # a column per test_<set>.json
+    python eval.py --data MATH_DIR --adapter out/sara       # a column per MATH_DIR/test_<set>.json
     python eval.py --task commonsense --limit 100 --adapter out/lora    # see benchmarks.py
     python eval.py --text prose.txt --adapter out/lora    # perplexity of a plain-text file
     python eval.py --adapter runs/* --limit 200 --markdown # also print the README's results table

@@ -8,7 +8,8 @@
 #   bash results.sh commonsense   # SARA's Table 2 at small scale: 40 per task to train on, 25 per task to test
 #   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after
 #
-# math reads $MATH_DATA (default ../shared/data/sara-math: any directory in LLM-Adapters' layout).
+# math reads $MATH_DATA: a directory in LLM-Adapters' layout (github.com/AGI-Edgerunners/LLM-Adapters),
+# train.json from its ft-training_set/math_data.json and test_<set>.json from its dataset/<set>/test.json.
 # A run that already has its summary.json is kept, so a stopped script picks up where it left off.
 # The flags here are each row's; the table's first column repeats those that differ from defaults.
 set -euo pipefail
@@ -21,9 +22,13 @@ case "$bench" in
         test=(--limit 200)
         alora=(--rounds 3 --k2 10 --score-frac 0.125 --val-size 4) ;;
     math)
+        if [ -z "${MATH_DATA:-}" ]; then
+            echo "bash results.sh math needs MATH_DATA=DIR, a directory in LLM-Adapters' layout (train.json, test_<set>.json)" >&2
+            exit 2
+        fi
         out=out/results-math
-        train=(--data "${MATH_DATA:-../shared/data/sara-math}" --steps 40 --seq-len 512)
-        test=(--data "${MATH_DATA:-../shared/data/sara-math}" --limit 20)
+        train=(--data "$MATH_DATA" --steps 40 --seq-len 512)
+        test=(--data "$MATH_DATA" --limit 20)
         alora=(--rounds 3 --k2 4 --score-frac 0.125 --val-size 4) ;;
     commonsense)
         out=out/results-commonsense

@@ -2,7 +2,7 @@
 
     python train.py --method sora --rmax 16                  # the default model and built-in task
     python train.py --method lora --model DIR --data train.json --steps 1000 --out out/mine
-    python train.py --method sara --data ../shared/data/sara-math --seq-len 512   # LLM-Adapters layout
+    python train.py --method sara --data MATH_DIR --seq-len 512      # LLM-Adapters' layout (benchmarks.py)
     python train.py --method lora --task commonsense --limit 500                 # see benchmarks.py
 
 Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` after
@@ -278,8 +278,8 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     order each method file's Usage block states: forward, task loss + extra_loss, backward,
     after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
     from 1 to total_steps. With fp16, `scaler` (a GradScaler) scales the loss; the gradients are
-    unscaled before the hooks see them, and a step whose gradients overflowed is skipped whole. Returns (the step's loss, the figures after_step reports).
-    bench.py times this very function."""
+    unscaled before the hooks see them, and a step whose gradients overflowed runs no hook at all.
+    Returns (the step's loss, the figures after_step reports). bench.py times this very function."""
     trainable = [p for g in opt.param_groups for p in g["params"]]
     # every target token of the global batch weighs the same, however the batch is split
     n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
@@ -295,25 +295,23 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     reduce_grads(trainable, world)
     if scaler:
         scaler.unscale_(opt)
-        if not all(p.grad is None or p.grad.isfinite().all() for p in trainable):
-            scaler.step(opt)  # an fp16 overflow: no update, a smaller scale, and no hook sees inf
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            return step_loss, {}
-    method.after_backward(model, step, total_steps)
-    if clip:
-        torch.nn.utils.clip_grad_norm_(trainable, clip)
+    # an fp16 overflow: scaler.step skips the update and shrinks the scale; no hook may see the inf
+    # (AdaLoRA's EMAs would turn NaN for good)
+    overflow = scaler is not None and not all(p.grad is None or p.grad.isfinite().all() for p in trainable)
+    if not overflow:
+        method.after_backward(model, step, total_steps)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
     if scaler:
-        scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.step(opt)
         scaler.update()
     else:
         opt.step()
     if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
         raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
                                  "(the last checkpoint, if any, is kept)")
-    figures = method.after_step(model, opt, step, total_steps, val_loss=val_loss)  # sees this step's lr
-    sched.step()
+    figures = {} if overflow else method.after_step(model, opt, step, total_steps, val_loss=val_loss)
+    sched.step()  # after after_step, which reads the lr this step used
     opt.zero_grad(set_to_none=True)
     return step_loss, figures
 
@@ -333,12 +331,13 @@ def main(argv=None):
                          f"micro-batch do not split evenly over {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)  # process 0 speaks for all
     dtype, why = models.pick_dtype(args.dtype, device)
-    if world > 1:  # auto measures per process: process 0's choice holds for all
-        choice = torch.tensor([list(models.DTYPES.values()).index(dtype)], device=device)
-        dist.broadcast(choice, 0)
-        dtype = list(models.DTYPES.values())[int(choice)]
-    say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
     args.dtype = next(k for k, v in models.DTYPES.items() if v == dtype)  # recorded (and resumed) as resolved
+    if world > 1:  # auto measures per process: process 0's choice holds for all
+        choice = torch.tensor([list(models.DTYPES).index(args.dtype)], device=device)
+        dist.broadcast(choice, 0)
+        args.dtype = list(models.DTYPES)[int(choice)]
+        dtype = models.DTYPES[args.dtype]
+    say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
     ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
     if ckpt.exists() and not args.resume:
         raise ValueError(f"{ckpt} holds an unfinished run: add --resume to continue it, or choose another --out")

@@ -1,5 +1,6 @@
 """load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory."""
 import importlib.util
+import time
 from pathlib import Path
 
 import torch
@@ -33,9 +34,9 @@ def resolve(source=None):
     return str(default_path() if source in (None, "", "default") else Path(source))
 
 
-def build(cfg, sd, path, dtype=torch.float32):
-    """The model for `cfg` holding the tensors `sd`, converted to `dtype` one by one. It is built on
-    the meta device and takes the tensors themselves (assign): no random init, no second copy. So
+def build(cfg, sd, path):
+    """The model for `cfg` holding the tensors `sd` (in the dtype the reader gave them). It is built
+    on the meta device and takes the tensors themselves (assign): no random init, no second copy. So
     its shapes are checked first, and a config that disagrees with its weights allocates nothing."""
     kind = GPT if isinstance(cfg, GPTConfig) else Llama
     with torch.device("meta"):
@@ -49,8 +50,6 @@ def build(cfg, sd, path, dtype=torch.float32):
     if missing or unexpected or wrong:
         raise LoadError(f"{path}: tensors do not match the model's config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
-    for k in list(sd):
-        sd[k] = sd[k].to(dtype)  # the float32 tensor is freed as soon as its copy exists
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:  # assign gave the embedding a new Parameter: the head shares it again
         model.lm_head.weight = (model.transformer.wte if kind is GPT else model.model.embed_tokens).weight
@@ -62,7 +61,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def matmul_speedup(dtype, n=768, repeats=3):
     """How many times faster a (2n x n) @ (n x n) matmul runs in `dtype` than in float32 on this CPU."""
-    import time
     best, g = {}, torch.Generator().manual_seed(0)  # the global RNG is left as it was
     for dt in (torch.float32, dtype):
         a, b = torch.randn(2 * n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
@@ -116,7 +114,7 @@ def load(source=None, dtype=torch.float32):
             cfg, sd, tokenizer = read_gguf(path, dtype)
         else:
             raise LoadError(f"{path}: expected a .gguf file or a checkpoint directory")
-        model = build(cfg, sd, path, dtype)
+        model = build(cfg, sd, path)
     except LoadError:
         raise
     except Exception as e:  # corrupt or foreign files: one sentence, not a traceback

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import methods
 import train
+from bench import HFLoss as HFCausalLM  # a transformers LM with our loss(x, y)
 from conftest import tiny_gpt, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,20 +29,6 @@ STEPS = 4
 # small adapters on 32-wide models; Mo-SARA with one head, the only one that merges
 CONFIGS = {"lora": {"r": 4}, "sara": {"threshold": 0.2}, "mosara": {"heads": 1}, "sora": {"rmax": 6, "lam": 0.5},
            "adalora": {"init_r": 6, "target_r": 4}, "alora": {"r": 4}, "salora": {"rmax": 6}}
-
-
-class HFCausalLM(nn.Module):
-    """A transformers causal LM with this library's loss(x, y), so train.train_step can drive it."""
-
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, x):
-        return self.hf(input_ids=x).logits
-
-    def loss(self, x, y):
-        return F.cross_entropy(self(x).flatten(0, 1), y.flatten(), ignore_index=-100)
 
 
 def hf_llama(seed=0):
