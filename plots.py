@@ -71,7 +71,8 @@ def run_facts(adapter_dir, meta):
     whose content `meta` is)."""
     summary = read_json(Path(adapter_dir) / "summary.json", {})
     facts = {"flags": meta.get("recipe", "")}
-    for key, src in (("train_seconds", "seconds"), ("total_rank", "total_rank"), ("steps", "steps")):
+    for key, src in (("train_seconds", "seconds"), ("total_rank", "total_rank"), ("live_params", "live_params"),
+                     ("steps", "steps")):
         if src in summary:
             facts[key] = summary[src]
     return facts
@@ -280,8 +281,13 @@ def training_figures(out, adapter_dirs, model_name):
     losses = {k: series(log, "loss") for k, log in logs.items() if series(log, "loss")[0]}
     if losses:
         written.append(out / "loss.png")
-        curves(losses, f"Training loss as logged (task loss + the method's regulariser)\nfaint: each logged step; "
-               f"solid: mean over the last 10 steps. {model_name}", "loss", written[-1], log_y=True, smooth=10)
+        curves(losses, f"Training task loss (without the methods' regularisers)\nfaint: each logged step; "
+               f"solid: mean over the last 10 steps. {model_name}", "task loss", written[-1], log_y=True, smooth=10)
+    val = {k: series(log, "val_loss") for k, log in logs.items() if series(log, "val_loss")[0]}
+    if val:
+        written.append(out / "val_loss.png")
+        curves(val, f"Validation loss during training (every --log-every steps)\n{model_name}", "validation loss",
+               written[-1], log_y=True)
     live = {k: series(log, "live_rank") for k, log in logs.items() if series(log, "live_rank")[0]}
     if live:
         written.append(out / "live_rank.png")
@@ -301,25 +307,53 @@ def write_all(out_dir, base, tok, adapter_dirs, examples, model_name):
 
 # ----------------------------------------------------------------------------- the results table
 
-COLUMNS = ("method", "trainable params", "% of base", "final total rank", "{metric}", "train time")
+COLUMNS = ("method", "trainable params", "live params", "% of base", "final total rank", "{metric}", "train time")
+
+
+def by_recipe(rows):
+    """Rows that differ only in their --seed, grouped, in first-seen order: [[row, ...], ...]."""
+    groups = {}
+    for row in rows:
+        flags = re.sub(r"(^| )--seed \S+", "", row.get("flags", "")).strip()
+        groups.setdefault((row["method"], flags), []).append({**row, "flags": flags})
+    return list(groups.values())
+
+
+def mean_sd(values):
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return mean, sd
 
 
 def markdown_table(rows):
     """eval.py's rows as the README's results table (header, rule, one line per row); with several
-    test sets, a column per set and then their average, as the papers' tables have."""
+    test sets, a column per set and then their average, as the papers' tables have. Runs that differ
+    only in their seed make one line: the mean ± the standard deviation over the seeds (scores), the
+    mean (ranks, live parameters, times)."""
     metric = "perplexity" if rows and "perplexity" in rows[0] else "accuracy"
     sets = list(rows[0]["sets"]) if rows and len(rows[0].get("sets", {})) > 1 else []
-    shown = (lambda v: f"{v:.3f}") if metric == "perplexity" else (lambda v: f"{100 * v:.1f}%")
+    scale, unit, digits = (1, "", 3) if metric == "perplexity" else (100, "%", 1)
     scores = [*sets, "all" if metric == "perplexity" else "avg"] if sets else [metric]
-    head = [*COLUMNS[:4], *scores, COLUMNS[5]]
+    head = [*COLUMNS[:5], *scores, COLUMNS[6]]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
-    for row in rows:
+
+    def shown(values):
+        mean, sd = mean_sd([scale * v for v in values])
+        return f"{mean:.{digits}f}{unit}" + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+    def average(group, key, fmt):
+        return fmt(mean_sd([r[key] for r in group])[0]) if all(key in r for r in group) else "–"
+
+    for group in by_recipe(rows):
+        row = group[0]
         name = "base model" if row["method"] == "base" else NAMES.get(row["method"], row["method"])
-        if row.get("flags"):
+        if row["flags"]:
             name += f" `{row['flags']}`"
-        values = [shown(row["sets"][s]) for s in sets] + [shown(row[metric])]
-        rank = f"{row['total_rank']:,}" if "total_rank" in row else "–"
-        seconds = cli.fmt_time(row["train_seconds"]) if "train_seconds" in row else "–"
-        cells = [name, f"{row['trainable_params']:,}", f"{row['share']:.3f}", rank, *values, seconds]
+        if len(group) > 1:
+            name += f" ({len(group)} seeds)"
+        values = [shown([r["sets"][s] for r in group]) for s in sets] + [shown([r[metric] for r in group])]
+        cells = [name, f"{row['trainable_params']:,}", average(group, "live_params", lambda v: f"{round(v):,}"),
+                 f"{row['share']:.3f}", average(group, "total_rank", lambda v: f"{round(v):,}"), *values,
+                 average(group, "train_seconds", cli.fmt_time)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

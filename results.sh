@@ -3,7 +3,7 @@
 # one eval.py call that evaluates them all (and the base model) on the same test examples and
 # prints the table rows.
 #
-#   bash results.sh               # the built-in task: ~70 min of training, ~13 min of evaluation on 2 CPU cores
+#   bash results.sh               # the built-in task, 3 seeds, bf16: ~80 min of training, ~10 min of evaluation on 2 CPU cores
 #   bash results.sh math          # SARA's Table 1 at small scale: 40 steps on its math split, 20 problems per set
 #   bash results.sh commonsense   # SARA's Table 2 at small scale: 40 per task to train on, 25 per task to test
 #   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after
@@ -18,8 +18,9 @@ bench=${1:-builtin}
 case "$bench" in
     builtin)
         out=out/results
-        train=()
-        test=(--limit 200)
+        seeds=${SEEDS:-0 1 2}
+        train=(--dtype bf16)
+        test=(--limit 200 --dtype bf16)
         alora=(--rounds 3 --k2 10 --score-frac 0.125 --val-size 4) ;;
     math)
         if [ -z "${MATH_DATA:-}" ]; then
@@ -44,20 +45,24 @@ case "$bench" in
         exit 2 ;;
 esac
 names=()
-run() {  # run NAME TRAIN_FLAGS...
-    local name=$1
+seeds=${seeds:-0}
+run() {  # run NAME TRAIN_FLAGS...: this seed's run, into NAME-sSEED when there are several seeds
+    local name=$1 dir=$out/$1
     shift
-    names+=("$out/$name")
-    [ -f "$out/$name/summary.json" ] || python train.py --out "$out/$name" "${train[@]}" "$@"
+    [ "$seeds" = 0 ] || dir=$out/$name-s$seed
+    names+=("$dir")
+    [ -f "$dir/summary.json" ] || python train.py --out "$dir" --seed "$seed" "${train[@]}" "$@"
 }
-run lora --method lora
-if [ "$bench" != shakespeare ]; then  # perplexity before and after needs one adapter
-    [ "$bench" != builtin ] || run lora16 --method lora --r 16 --alpha 32
-    run sara --method sara
-    run mosara --method mosara --lr 3e-2
-    run sora --method sora
-    run adalora --method adalora
-    run alora --method alora "${alora[@]}"
-    run salora --method salora
-fi
+for seed in $seeds; do  # every row once before any row twice: a stopped script has whole seeds
+    run lora --method lora
+    if [ "$bench" != shakespeare ]; then  # perplexity before and after needs one adapter
+        [ "$bench" != builtin ] || run lora16 --method lora --r 16 --alpha 32
+        run sara --method sara
+        run mosara --method mosara --lr 3e-2
+        run sora --method sora
+        run adalora --method adalora
+        run alora --method alora "${alora[@]}"
+        run salora --method salora
+    fi
+done
 python eval.py --adapter "${names[@]}" "${test[@]}" --json "$out/results.json" --markdown

@@ -279,18 +279,22 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
     from 1 to total_steps. With fp16, `scaler` (a GradScaler) scales the loss; the gradients are
     unscaled before the hooks see them, and a step whose gradients overflowed runs no hook at all.
-    Returns (the step's loss, the figures after_step reports). bench.py times this very function."""
+    Returns ((the step's task loss, its penalty: the sum of extra_loss), the figures after_step
+    reports): the two apart, so a regulariser does not pass for a worse fit. bench.py times this very
+    function."""
     trainable = [p for g in opt.param_groups for p in g["params"]]
     # every target token of the global batch weighs the same, however the batch is split
     n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
-    step_loss = 0.0
+    losses = torch.zeros(2, device=n_targets.device)  # (task, penalty), summed over micro-batches
     for x, y in batches:
-        loss = model.loss(x, y) * ((y != -100).sum() / n_targets) + method.extra_loss(model) / (len(batches) * world)
+        task = model.loss(x, y) * ((y != -100).sum() / n_targets)
+        penalty = method.extra_loss(model) / (len(batches) * world)
+        loss = task + penalty
         (scaler.scale(loss) if scaler else loss).backward()
-        step_loss = step_loss + loss.detach()
-    step_loss = all_sum(step_loss, world).item()
-    if not math.isfinite(step_loss):
-        raise FloatingPointError(f"the loss became {step_loss} at step {step}: lower --lr "
+        losses += torch.stack([task.detach(), penalty.detach().float()])
+    task_loss, penalty = all_sum(losses, world).tolist()
+    if not math.isfinite(task_loss + penalty):
+        raise FloatingPointError(f"the loss became {task_loss + penalty} at step {step}: lower --lr "
                                  "(the last checkpoint, if any, is kept)")
     reduce_grads(trainable, world)
     if scaler:
@@ -313,12 +317,30 @@ def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, 
     figures = {} if overflow else method.after_step(model, opt, step, total_steps, val_loss=val_loss)
     sched.step()  # after after_step, which reads the lr this step used
     opt.zero_grad(set_to_none=True)
-    return step_loss, figures
+    return (task_loss, penalty), figures
 
 
 def scalars(figures):
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in figures.items() if isinstance(v, (int, float)))
+
+
+def live_params(method, model, n_trainable):
+    """The adapter's numbers still in use at the end: those of its LoRA form, without the ranks it
+    switched off; a method with no LoRA form (Mo-SARA with several heads) uses all it trained."""
+    try:
+        pairs = method.to_lora(model)
+    except ValueError:
+        return n_trainable
+    return sum(a.numel() + b.numel() for a, b in pairs.values())
+
+
+def next_commands(args):
+    """The last line of a run: how to evaluate and export what it wrote."""
+    model = f" --model {args.model}" if args.model else ""
+    test = f" --task {args.task}" if args.task else f" --data {args.data}" if args.data and Path(args.data).is_dir() else ""
+    return (f"next: python eval.py --adapter {args.out}{model}{test}   |   "
+            f"python export.py --format peft --adapter {args.out}{model} --out {args.out}-peft")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -383,40 +405,46 @@ def main(argv=None):
     for step in range(start + 1, args.steps + 1):
         batches = step_batches(train_set, args, step, rank, world, device)
         lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
-        step_loss, figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip, val_loss,
-                                        world, scaler)
+        (task_loss, penalty), figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip,
+                                                   val_loss, world, scaler)
         tokens += sum(x.numel() for x, _ in batches) * world
 
-        loss_avg = step_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * step_loss
+        loss_avg = task_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * task_loss
         progress = step % args.log_every == 0 or step == args.steps
         elapsed = time.time() - t_start
+        if progress:  # every process computes it: val_loss is a forward like any other
+            figures["val_loss"] = val_loss()
         if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
-            rec = {"step": step, "loss": step_loss, "lr": lr,
+            rec = {"step": step, "loss": task_loss, "penalty": penalty, "lr": lr,
                    "tokens_per_s": tokens / elapsed, **figures}
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if progress:
             eta = elapsed / (step - start) * (args.steps - step)
-            extra = scalars(figures)
-            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | "
-                f"{tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}" + (f" | {extra}" if extra else ""), flush=True)
+            extra = scalars({k: v for k, v in figures.items() if k != "val_loss"})
+            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | val loss {figures['val_loss']:.4f} | "
+                f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}"
+                + (f" | {extra}" if extra else ""), flush=True)
         if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
             methods.save_adapter(model, args.out, args.method, cfg, **info)
             save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args, scaler)
 
     model.eval()
     ranks = method.ranks(model)
-    summary = {"method": args.method, "trainable_params": n_trainable, "base_params": base_params,
+    summary = {"method": args.method, "trainable_params": n_trainable,
+               "live_params": live_params(method, model, n_trainable), "base_params": base_params,
                "steps": args.steps, "processes": world, "seconds": round(time.time() - t_start, 1),
-               "final_loss": loss_avg, "val_loss": val_loss(), "ranks": ranks, "total_rank": sum(ranks.values())}
+               "final_loss": loss_avg, "final_penalty": penalty, "val_loss": val_loss(), "ranks": ranks,
+               "total_rank": sum(ranks.values())}
     if rank == 0:
         log.close()
         methods.save_adapter(model, args.out, args.method, cfg, **info)
         methods.write_json(args.out / "summary.json", summary)
         if ckpt.exists():
             os.remove(ckpt)  # the run is complete: the adapter is what remains
-    say(f"done in {cli.fmt_time(summary['seconds'])}: final loss {loss_avg:.4f}, total rank "
-        f"{summary['total_rank']}; wrote {args.out}/adapter.safetensors")
+    say(f"done in {cli.fmt_time(summary['seconds'])}: task loss {loss_avg:.4f}, val loss {summary['val_loss']:.4f}, "
+        f"total rank {summary['total_rank']}; wrote {args.out}/adapter.safetensors")
+    say(next_commands(args))
     if world > 1:
         dist.destroy_process_group()
     return summary

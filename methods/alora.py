@@ -10,7 +10,7 @@ same number of new ranks to the modules that lost none, so the total rank budget
     ΔW = scale * (lora_B ⊙ lora_gate) lora_A
     lora_A (rmax, in): Kaiming-uniform; lora_B (out, rmax): zeros; lora_gate (rmax,): 1 for the first r
     IS(rank) = S(M) − S(M∖rank) + S(M_rank),   S = −val_loss()              (paper Eq. 6)
-      M∖rank: that rank's gate 0;  M_rank: only that rank kept in its module
+      M∖rank: that rank's gate 0;  M_rank: that rank alone live, in the whole adapter
 
 Algorithm 1 (§3.4): train k1 steps; then `rounds` times: score every live rank, prune the
 `prune_per_round` lowest (gate -> 0), hand as many new ranks to the modules that lost none (spread as
@@ -28,8 +28,6 @@ Where this file departs from the paper, and why:
   tensors and DDP sees fixed shapes. A module already at rmax cannot receive; if no module that lost
   none has a free slot, the budget shrinks by what could not be placed (as in footnote 4).
 - The scale is alpha / r, fixed per module (not alpha / live rank), so adding ranks rescales nothing.
-- M_rank keeps only that rank *in its module* and leaves the other modules whole (the paper's
-  wording zeroes every other rank in the model).
 - Steps, not epochs: when not given, k1 = 10% of the steps, k2 = 2.5%, rounds = as many as fit
   before the end, at most 8 (the paper's 1 / 0.25 / 8 over 10 epochs), so any run of 20 steps or
   more holds rounds. prune_per_round defaults to len(targets), the paper's n_A = types per block.
@@ -277,27 +275,34 @@ def live_slots(m, frac, generator):
     return sorted(live[i] for i in pick.tolist())
 
 
-def ablation_score(m, slot, val_loss, base):
-    """IS = S(M) − S(M∖slot) + S(M_slot) with S = −CE; m's gates are restored afterwards."""
-    live = m.lora_gate.clone()
-    try:
-        m.lora_gate[slot] = 0
-        without = val_loss()  # M∖slot
-        m.lora_gate.zero_()
-        m.lora_gate[slot] = 1
-        alone = val_loss()  # M_slot: only this rank in m, every other module whole
-    finally:
-        m.lora_gate.copy_(live)
-    return -base + without - alone
-
-
 @torch.no_grad()
 def importance(model, val_loss, frac=1.0, generator=None):
-    """(S(M)'s loss, {module name: [(slot, IS), ...]}) over the scored live ranks."""
+    """(S(M)'s loss, {module name: [(slot, IS), ...]}) over the scored live ranks, with
+    IS = S(M) − S(M∖slot) + S(M_slot), S = −val_loss(). M∖slot: that rank off, every other on;
+    M_slot: that rank alone on, in the whole adapter. The gates are restored afterwards."""
+    mods = layers(model)
+    live = {name: m.lora_gate.clone() for name, m in mods.items()}
+    scored = {name: live_slots(m, frac, generator) for name, m in mods.items()}
     base = val_loss()
-    scores = {name: [(j, ablation_score(m, j, val_loss, base)) for j in live_slots(m, frac, generator)]
-              for name, m in layers(model).items()}
-    return base, scores
+    without, alone = {}, {}
+    try:
+        for name, m in mods.items():
+            for j in scored[name]:
+                m.lora_gate[j] = 0
+                without[name, j] = val_loss()  # M∖slot
+                m.lora_gate[j] = 1
+        for m in mods.values():
+            m.lora_gate.zero_()
+        for name, m in mods.items():
+            for j in scored[name]:
+                m.lora_gate[j] = 1
+                alone[name, j] = val_loss()  # M_slot
+                m.lora_gate[j] = 0
+    finally:
+        for name, m in mods.items():
+            m.lora_gate.copy_(live[name])
+    return base, {name: [(j, -base + without[name, j] - alone[name, j]) for j in slots]
+                  for name, slots in scored.items()}
 
 
 # --- pruning and reallocation -------------------------------------------------------------------
@@ -391,7 +396,7 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
     base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
     r = ranks(model)
-    return {"round": k, "val_loss": base, "live_rank": sum(r.values()), "pruned": pruned, "added": grown,
+    return {"round": k, "scored_val_loss": base, "live_rank": sum(r.values()), "pruned": pruned, "added": grown,
             "ranks": r}
 
 

@@ -15,31 +15,41 @@ Lagrange multiplier λ steers the expected density of the adapter to a target b.
     lam <- max(0, lam + lagrangian_lr (C - target_density)²)   projected ascent, each step in the window
     lora_logalpha and lam train only in the window t_start < step <= t_end; frozen outside it.
 
-Hyperparameters: rmax = 8 and target density b = 0.5 (the paper's Fig. 7); GAMMA = -0.1,
-ZETA = 1.1, tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py);
-log α ~ N(log(1 - p) - log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so
-that every rank starts open: P(g > 0) ≈ 0.99, eval gate 1). alpha = 16, dropout = 0.05 as LoRA.
+Hyperparameters: initial rank 8 and target density b = 0.5 in the paper's Fig. 7; here rmax = 16 and
+b = 0.5, so the live budget it aims at is LoRA r=8's (see below). GAMMA = -0.1, ZETA = 1.1, tau = 2/3
+(Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py); log α ~ N(log(1 - p) - log p,
+0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so that every rank starts open:
+P(g > 0) ≈ 0.99, eval gate 1). alpha = 32 (scale 2, as LoRA's 16 / 8), dropout = 0.05 as LoRA.
 
-Where this file decides what the paper leaves open:
+Where this file decides what the paper leaves open (figures: planted.py, ranks 0,0,1,2,4,4,8,8
+needed, 150 steps; ρ is the rank correlation of the ranks found with those planted):
 - scale = alpha / rmax, LoRA style; the paper does not scale. A Kaiming, B zero: ΔW = 0 at init.
 - eq. 11 as printed sums per-matrix densities (range [0, K]); C here is normalised over all
   matrices, so b in (0, 1] is the fraction of the adapter's parameters expected to stay.
 - The paper's Lagrangian term is purely quadratic, so (C - b)² >= 0 and projected ascent can
   never lower lam: it is a growing penalty, not a true multiplier. Kept as printed.
-- The paper does not say what happens outside [T_start, T_end]. Here gates are sampled in every
-  training step but log α and lam stay frozen outside the window: after_backward drops log α's
-  gradient (grad = None), so the optimizer skips it (no value change, no moment update) while it
-  still takes part in the forward. Defaults: t_start = 10 %, t_end = 70 % of total_steps.
-- beta = 0.1 (AdaLoRA's orthogonality weight); the paper gives none. The penalty is averaged over
-  the adapted modules, as AdaLoRA's is, where the paper sums it: B starts at 0, so every module adds
-  ‖BᵀB − I‖² = rmax at init, and on the default model (60 modules) the sum made the loss ~70 against a
-  task loss below 1. Its gradient then dominated the clipped gradient norm and starved the task:
-  validation loss 0.134 after 150 steps against LoRA's 0.035 (measured, train.py defaults).
-- log α is in its own optimizer group, with its own lr gate_lr = 0.05 (the paper gives none) and no
+- The paper does not say what happens outside [T_start, T_end]. Here log α and lam train only in
+  the window, and the gates are sampled only there: before it and after it a training forward uses
+  the deterministic eval gates, so the last part of the run fits the adapter that will be kept
+  (sampled gates there add ~100% multiplicative noise to every closing rank). after_backward drops
+  log α's gradient outside the window (grad = None: the optimizer skips it), and after_step sets
+  whether the next step samples. Defaults: t_start = 10 %, t_end = 70 % of total_steps.
+- beta = 0.01; the paper gives none. The penalty is averaged over the adapted modules, as AdaLoRA's
+  is, where the paper sums it: B starts at 0, so every module adds ‖BᵀB − I‖² = rmax at init, and it
+  pulls B towards orthonormal columns whatever the task needs. Summed at 0.1 on the default model it
+  made the loss ~70 against a task loss below 1 (validation loss 0.134 after 150 steps against
+  LoRA's 0.035); averaged, 0.1 still cost planted.py 1.8x LoRA's loss at rmax 8 (0.01: 1.47x, 0:
+  1.37x); at rmax 16, 0.01 gave 0.86x and 0 0.76x: the regulariser is kept, small.
+- rmax = 16 and alpha = 32 rather than the paper's 8: density 0.5 of 8 ranks leaves half of LoRA
+  r=8's budget (planted.py: 32 live ranks, loss 1.4x LoRA's); of 16 ranks it leaves LoRA's budget,
+  allocated where needed (64 live ranks, 50% closed, ρ 0.99, loss 0.86x LoRA's).
+- log α is in its own optimizer group, with its own lr gate_lr = 0.2 (the paper gives none) and no
   weight decay (decay would pull every gate to P(g > 0) ≈ 0.83). AdamW moves log α by about its lr
-  per step, and a gate needs ~4.5 to go from open (2.94) to density 0.5 (-1.6): at the model's lr
-  (1e-3) that takes thousands of steps; at 0.05 a 300-step cosine run's window (steps 30-210)
-  reaches C = 0.50 by step ~115 on a tiny model. lagrangian_lr = 1.0 (the paper gives none either).
+  per step, and a gate needs ~5 to go from open (2.94) to closed (below -2.4) inside the window,
+  60% of the run: gate_lr ≈ 30 / steps, 0.2 for the default 150 steps (set it so for other
+  lengths). At 0.05 log α travels ~3 in that window: with rmax 8 and gates sampled throughout, no
+  rank closed (planted.py); at 0.1, 44% closed, 0.2, 48%.
+  lagrangian_lr = 1.0 (the paper gives none either).
 - ranks() counts eval gates > 0, which close only below log α = -2.4 (P(g > 0) = 0.31): reaching
   density b closes ranks only as far as the gates polarise (all gates at P = 0.5 close none).
 
@@ -53,7 +63,7 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
 
     import torch
     import salora as method
-    method.apply(model, method.Config(rmax=8, target_density=0.5))  # Hard-Concrete gates, an L0 budget
+    method.apply(model, method.Config(rmax=16, target_density=0.5))  # Hard-Concrete gates, an L0 budget
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
     model.train()
@@ -88,16 +98,16 @@ HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v
 
 @dataclass
 class Config:
-    rmax: int = 8  # initial rank of every update; gates close some of them
+    rmax: int = 16  # initial rank of every update; gates close some of them
     target_density: float = 0.5  # b: fraction of the adapter's parameters expected to stay
-    beta: float = 0.1  # weight of the orthogonality regulariser
+    beta: float = 0.01  # weight of the orthogonality regulariser
     temperature: float = 2 / 3  # tau of the Hard-Concrete distribution
     t_start: int | None = None  # gates and lam train at steps t_start < step <= t_end;
     t_end: int | None = None  # None: 10 % and 70 % of total_steps
     lagrangian_lr: float = 1.0  # step size of the ascent on lam
-    gate_lr: float = 0.05  # AdamW lr of log α (its own group; scheduled like the model's lr)
+    gate_lr: float = 0.2  # AdamW lr of log α (its own group; scheduled like the model's lr): ≈ 30 / steps
     droprate_init: float = 0.05  # p: log α starts at log(1 - p) - log p
-    alpha: float = 16.0  # ΔW is scaled by alpha / rmax
+    alpha: float = 32.0  # ΔW is scaled by alpha / rmax
     dropout: float = 0.05  # on the adapter's input only
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
@@ -175,11 +185,16 @@ class SaLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         mean = math.log(1 - cfg.droprate_init) - math.log(cfg.droprate_init)
         self.lora_logalpha = nn.Parameter(torch.normal(mean, 0.01, (rmax,), device=dev))
+        # whether training forwards sample the gates: only inside the window (after_step sets it for
+        # the next step); training state, saved in checkpoints, not in the adapter
+        self.register_buffer("sampling", torch.zeros((), dtype=torch.bool, device=dev), persistent=False)
         self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def gates(self):
-        return sample_gates(self.lora_logalpha, self.tau) if self.training else eval_gates(self.lora_logalpha)
+        if self.training and self.sampling:
+            return sample_gates(self.lora_logalpha, self.tau)
+        return eval_gates(self.lora_logalpha)
 
     def delta_weight(self):
         return self.scale * (self.lora_B * eval_gates(self.lora_logalpha)) @ self.lora_A  # (out, in)
@@ -337,6 +352,9 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     if in_window(model, step, total_steps):
         # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
         lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)
+    t_start, t_end = window(cfg, total_steps)
+    for m in layers(model).values():  # the next step samples its gates iff it lies in the window
+        m.sampling.fill_(t_start < step + 1 <= t_end)
     c, lam = torch.stack((c, lam)).tolist()  # one device sync for the log
     return {"density": c, "lam": lam}
 

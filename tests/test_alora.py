@@ -151,6 +151,42 @@ def test_importance_ranks_signal_above_dead_rank(seed, d, c, r):
     assert is_ == dict(alora.importance(model, val_loss)[1]["0"])  # deterministic
 
 
+class TwoHeads(nn.Module):
+    """y = a(x) + b(x): two modules whose updates add up, so each can be ablated on its own."""
+
+    def __init__(self, d, c):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, c, bias=False), nn.Linear(d, c, bias=False)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), d=st.integers(6, 12), strong=st.floats(2.0, 5.0))
+def test_importance_ranks_every_useful_rank_above_a_dead_one_across_modules(seed, d, strong):
+    """Module a needs three ranks (each `strong`), module b one weak rank and has a dead slot. M_r
+    keeps rank r alone in the whole adapter (paper Eq. 6): kept alone within its module, a's ranks
+    would each be charged for a's other two and score below b's dead slot."""
+    g = torch.Generator().manual_seed(seed)
+    model = TwoHeads(d, d).requires_grad_(False)
+    alora.apply(model, alora.Config(r=3, rmax=3, targets=("a", "b"), dropout=0.0))
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].float()  # orthonormal
+    with torch.no_grad():
+        for j in range(3):  # a: three useful ranks along orthogonal input directions
+            model.a.lora_A[j] = basis[j]
+            model.a.lora_B[:, j] = strong * basis[j] / model.a.scale
+        model.b.lora_A.copy_(basis[3:6])
+        model.b.lora_B.zero_()
+        model.b.lora_B[:, 0] = basis[3] / model.b.scale  # b: one weak useful rank, slots 1 and 2 dead
+    x = torch.randn(256, d, generator=g)
+    y = model(x).detach()
+    val_loss = lambda: F.mse_loss(model(x), y).item()  # noqa: E731
+    _, scores = alora.importance(model, val_loss)
+    a, b = dict(scores["a"]), dict(scores["b"])
+    assert min(a.values()) > max(b[1], b[2]) and b[0] > max(b[1], b[2])
+
+
 def test_spread_footnote_example():
     assert alora.spread(8, [9, 9, 9]) == [3, 3, 2]
     assert alora.spread(5, [1, 9, 0]) == [1, 4, 0]

@@ -244,6 +244,26 @@ def test_train_step_changes_only_the_adapter_over_seeds_and_lengths(name, seed, 
     assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_train_step_reports_the_task_loss_and_the_penalty_apart(name):
+    """A regulariser must not pass for a worse fit: train_step returns the task loss (what the
+    progress line, log.jsonl and summary.json's final_loss show) and extra_loss's sum on their own."""
+    model = tiny_llama(0)
+    method = methods.get(name)
+    torch.manual_seed(0)
+    method.apply(model, method.Config(**{**CONFIGS[name], "dropout": 0.0}))  # deterministic forwards
+    model.train()
+    x, y = batch(3)
+    with torch.no_grad():
+        task, penalty = model.loss(x, y).item(), method.extra_loss(model).item()
+    opt = torch.optim.AdamW(method.param_groups(model, 1e-3, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    (got_task, got_penalty), _ = train.train_step(model, method, opt, sched, [(x, y)], 1, STEPS,
+                                                  val_loss=train.val_closure(model, (x, y)))
+    assert got_task == pytest.approx(task, rel=1e-6) and got_penalty == pytest.approx(penalty, rel=1e-6, abs=1e-9)
+    assert (penalty > 0) == (name in ("adalora", "salora"))  # the two with a regulariser at init
+
+
 # ----------------------------------------------------------------------------- a file copied alone
 
 def usage_block(path):

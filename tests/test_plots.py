@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
@@ -57,7 +57,7 @@ def loaded(checkpoint, adapter_dir):
 def test_plot_writes_a_png_per_figure_and_no_rows(plotted):
     out, _, rows = plotted
     expected = {f"ranks_{m}.png" for m in methods.NAMES if m != "lora"} | {
-        "sara_thresholds_sara.png", "router_mosara.png", "loss.png", "live_rank.png"}
+        "sara_thresholds_sara.png", "router_mosara.png", "loss.png", "val_loss.png", "live_rank.png"}
     assert rows == [] and {p.name for p in out.iterdir()} == expected
     for p in out.iterdir():
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 2000, p
@@ -110,6 +110,12 @@ def test_curves_get_the_logged_losses_and_live_ranks(plotted, runs):
         log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
         steps, losses = lines[plots.label(name, name)]
         assert steps == [r["step"] for r in log] and losses == [r["loss"] for r in log]
+    val = received(calls, "curves", out / "val_loss.png")[0]
+    assert len(val) == len(methods.NAMES)
+    for name, d in runs.items():
+        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        assert val[plots.label(name, name)] == ([r["step"] for r in log if "val_loss" in r],
+                                                [r["val_loss"] for r in log if "val_loss" in r])
     live = received(calls, "curves", out / "live_rank.png")[0]
     assert set(live) == {plots.label(m, m) for m in ("sora", "adalora", "alora")}  # those that log it
 
@@ -120,20 +126,44 @@ def test_markdown_rows_parse_back_to_the_json_rows(runs, tiny_checkpoint, tmp_pa
                           "--adapter", *(str(runs[m]) for m in ("lora", "sora", "mosara"))])
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[0] == "| method | trainable params | % of base | final total rank | accuracy | train time |"
+    assert table[0] == "| method | trainable params | live params | % of base | final total rank | accuracy | train time |"
     by_name = {v: k for k, v in plots.NAMES.items()} | {"base model": "base"}
     for line, row in zip(table[2:], rows, strict=True):
-        label, params, share, rank, acc, seconds = [c.strip() for c in line.strip("|").split("|")]
+        label, params, live, share, rank, acc, seconds = [c.strip() for c in line.strip("|").split("|")]
         name, _, flags = label.partition(" `")
         assert by_name[name] == row["method"] and flags.rstrip("`") == row.get("flags", "")
         assert int(params.replace(",", "")) == row["trainable_params"]
         assert float(share) == round(row["share"], 3) and float(acc.rstrip("%")) == round(100 * row["accuracy"], 1)
         if row["method"] == "base":
-            assert rank == seconds == "–"
+            assert rank == seconds == live == "–"
         else:
             assert int(rank.replace(",", "")) == row["total_rank"]
+            assert int(live.replace(",", "")) == row["live_params"]
             m, s = re.fullmatch(r"(\d+)m(\d\d)s", seconds).groups()
             assert int(m) * 60 + int(s) == int(row["train_seconds"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(accs=st.lists(st.floats(0, 1), min_size=1, max_size=4), other=st.floats(0, 1))
+def test_runs_that_differ_only_in_seed_are_one_line_mean_and_sd(accs, other):
+    seeded = [{"method": "sora", "flags": f"--dtype bf16 --seed {i}" if i else "--dtype bf16", "accuracy": a,
+               "trainable_params": 10, "share": 0.1, "total_rank": 4 + i, "live_params": 8, "train_seconds": 60 + i}
+              for i, a in enumerate(accs)]
+    lone = {"method": "sora", "flags": "--lam 1", "accuracy": other, "trainable_params": 10, "share": 0.1}
+    lines = plots.markdown_table([*seeded, lone])
+    assert len(lines) == 4  # head, rule, the seeds' line, the other recipe's
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    mean = sum(accs) / len(accs)
+    assert cells[0] == "SoRA `--dtype bf16`" + (f" ({len(accs)} seeds)" if len(accs) > 1 else "")
+    score, _, sd = cells[5].partition(" ± ")
+    assert float(score.rstrip("%")) == pytest.approx(100 * mean, abs=0.051)
+    if len(accs) > 1:
+        expected = (sum((100 * a - 100 * mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+        assert float(sd) == pytest.approx(expected, abs=0.051)
+    else:
+        assert sd == ""
+    assert cells[4] == f"{round(4 + (len(accs) - 1) / 2):,}" and cells[2] == "8"
+    assert lines[3].startswith("| SoRA `--lam 1` |") and lines[3].split("|")[3].strip() == "–"
 
 
 def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
@@ -173,7 +203,8 @@ def test_results_sh_gives_the_clis_flags_they_accept(bench, tmp_path):
     subprocess.run(["bash", str(tmp_path / "results.sh"), bench], env=env, check=True)
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     *trains, last = calls
-    assert len(trains) == (8 if bench == "builtin" else 1 if bench == "shakespeare" else 7)
+    assert len(trains) == (3 * 8 if bench == "builtin" else 1 if bench == "shakespeare" else 7)  # builtin: 3 seeds
+    assert len({argv[argv.index("--out") + 1] for argv in trains}) == len(trains)  # a directory each
     for argv in trains:
         assert argv[0] == "train.py"
         train.parse_args(argv[1:])
@@ -233,6 +264,7 @@ def test_markdown_has_a_column_per_test_set_then_the_average():
             {"name": "sora", "method": "sora", "trainable_params": 1234, "share": 0.01, "flags": "--lam 3",
              "total_rank": 7, "train_seconds": 61.2, "sets": {"svamp": 0.5, "aqua": 1.0}, "accuracy": 0.75}]
     table = plots.markdown_table(rows)
-    assert table[0] == "| method | trainable params | % of base | final total rank | svamp | aqua | avg | train time |"
-    assert table[2] == "| base model | 0 | 0.000 | – | 25.0% | 50.0% | 37.5% | – |"
-    assert table[3] == "| SoRA `--lam 3` | 1,234 | 0.010 | 7 | 50.0% | 100.0% | 75.0% | 1m01s |"
+    assert table[0] == ("| method | trainable params | live params | % of base | final total rank | svamp | aqua | avg "
+                        "| train time |")
+    assert table[2] == "| base model | 0 | – | 0.000 | – | 25.0% | 50.0% | 37.5% | – |"
+    assert table[3] == "| SoRA `--lam 3` | 1,234 | – | 0.010 | 7 | 50.0% | 100.0% | 75.0% | 1m01s |"

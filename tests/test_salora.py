@@ -93,10 +93,28 @@ def test_eval_gates_deterministic_and_one_mask_per_batch():
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
         model.train()
+        assert torch.equal(model(x), model(x))  # training, but before the window: the eval gates
+        for m in salora.layers(model).values():
+            m.sampling.fill_(True)
         torch.manual_seed(0)
         a, b = model(x), model(x)
     assert not torch.equal(a, b)  # a fresh mask each forward ...
     assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2])  # ... shared by the batch's examples
+
+
+@SETTINGS
+@given(total=st.integers(3, 60), data=st.data())
+def test_gates_are_sampled_in_the_window_only(total, data):
+    """after_step of step t sets the sampling of step t + 1: on exactly at t_start < t + 1 <= t_end, so
+    the last part of a run trains with the gates it will be evaluated with."""
+    t_start = data.draw(st.integers(0, total - 1))
+    t_end = data.draw(st.integers(t_start + 1, total + 2))
+    model = salora.apply(tiny_llama(), salora.Config(t_start=t_start, t_end=t_end))
+    opt = torch.optim.AdamW(salora.param_groups(model, 1e-3, 0.0))
+    for step in range(1, total + 1):
+        salora.after_step(model, opt, step, total)
+        flags = {bool(m.sampling) for m in salora.layers(model).values()}
+        assert flags == {t_start < step + 1 <= t_end}
 
 
 # --- the regularisers and the multiplier -------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical(tiny_model):
 def test_lambda0_first_gradient_reaches_lambda_only():
     """With lam = 0 only lam gets a gradient at first; after one step U and V train too."""
     model = tiny_llama()
-    cfg = sara.Config(threshold=0.3)
+    cfg = sara.Config(threshold=0.3, init="lambda0")
     sara.apply(model, cfg)
     x = torch.randint(0, 97, (2, 12))
     model.loss(x[:, :-1], x[:, 1:]).backward()

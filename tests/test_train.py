@@ -23,11 +23,15 @@ def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
     for f in ("adapter.safetensors", "config.json", "log.jsonl", "summary.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "summary.json").read_text()) == summary
-    for key in ("method", "trainable_params", "base_params", "steps", "seconds", "final_loss", "ranks"):
+    for key in ("method", "trainable_params", "live_params", "base_params", "steps", "seconds", "final_loss",
+                "final_penalty", "val_loss", "ranks"):
         assert key in summary
     assert summary["ranks"] and all(r >= 0 for r in summary["ranks"].values())
+    assert 0 < summary["live_params"] <= summary["trainable_params"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 24 and all({"step", "loss", "lr", "tokens_per_s"} <= rec.keys() for rec in log)
+    assert log[-1]["step"] == 24 and all({"step", "loss", "penalty", "lr", "tokens_per_s"} <= rec.keys() for rec in log)
+    assert [r["step"] for r in log if "val_loss" in r] == [5, 10, 15, 20, 24]  # every --log-every steps, and the last
+    assert (max(r["penalty"] for r in log) > 0) == (name in ("adalora", "salora"))  # apart from the task loss
 
     model, _ = models.load(tiny_checkpoint)
     model, meta = methods.load_adapter(model, out)
@@ -89,8 +93,19 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_the_run_ends_with_its_validation_loss_and_the_commands_to_use_it(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "run"
+    summary = train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert all(" | val loss " in line for line in lines if line.startswith("step "))
+    assert f"val loss {summary['val_loss']:.4f}" in lines[-2]
+    assert lines[-1] == (f"next: python eval.py --adapter {out} --model {tiny_checkpoint}   |   python export.py "
+                         f"--format peft --adapter {out} --model {tiny_checkpoint} --out {out}-peft")
+
+
 def test_the_log_gives_the_lr_each_step_used_and_sora_shrinks_by_it(tmp_path, tiny_checkpoint, monkeypatch):
-    """The scheduler steps after after_step: step 1 runs at lr / warmup, and SoRA's prox uses that lr."""
+    """The scheduler steps after after_step: step 1 runs at lr / warmup, and SoRA's prox uses that
+    step's lr of the gates' own group (gate_lr, on the same schedule)."""
     sora, seen = methods.get("sora"), []
     real = sora.after_step
 
@@ -100,6 +115,7 @@ def test_the_log_gives_the_lr_each_step_used_and_sora_shrinks_by_it(tmp_path, ti
     monkeypatch.setattr(sora, "after_step", spy)
     out = tmp_path / "run"
     train.main(["--method", "sora", "--model", str(tiny_checkpoint), "--out", str(out), "--steps", "6", "--warmup", "4",
-                "--lr", "0.01", "--batch-size", "2", "--seq-len", "512", "--log-every", "1", "--val-size", "2"])
+                "--lr", "0.01", "--gate-lr", "0.02", "--batch-size", "2", "--seq-len", "512", "--log-every", "1",
+                "--val-size", "2"])
     logged = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert logged[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and logged == pytest.approx(seen)
+    assert logged[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and [2 * lr for lr in logged] == pytest.approx(seen)
