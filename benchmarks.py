@@ -190,11 +190,12 @@ def shakespeare(split):
 # ----------------------------------------------------------------------------- what the CLIs run on
 
 def default_prompt(source, task):
-    """The template goes with the data: the model's chat template for the built-in task,
-    LLM-Adapters' Alpaca template for its files and for commonsense; none for plain text."""
-    if task == "shakespeare":
+    """The template goes with the data: the model's chat template for the built-in task and chat
+    messages, LLM-Adapters' Alpaca template for its files and for commonsense; none for plain text."""
+    kind = data.kind_of(source) if source is not None else None
+    if task == "shakespeare" or kind == "text":
         return None
-    return "chat" if source is None and task is None else "alpaca"
+    return "chat" if (source is None and task is None) or kind == "messages" else "alpaca"
 
 
 def default_max_new_tokens(source, task):
@@ -218,7 +219,7 @@ def sets(source, task, split, limit=None, seed=0):
 
 
 def train_set(tok, source, task, prompt, seq_len, limit=None, seed=0):
-    """Encoded training examples for train.py: (ids, targets) pairs, as data.encode_all gives."""
+    """Encoded training items for train.py: (ids, targets) pairs, as data.encode_all gives."""
     if task == "shakespeare":
         return data.subset(data.chunks(tok, shakespeare("train").values(), seq_len), limit, seed)
     found = sets(source, task, "train", limit, seed)

@@ -5,6 +5,7 @@ Sources: a GGUF vocabulary (byte-level BPE), a Hugging Face `tokenizer.json` or 
 Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
 and their ids follow merge order, so a token's id is its tiktoken rank.
 """
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ LLAMA3_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
 
 
+PLAIN = "\ue000"  # a private-use character: marks a special-token string inside a message (escape)
+
+
 @dataclass
 class Tokenizer:
     """A tiktoken Encoding plus what prompting needs: the chat format and the stop tokens."""
@@ -30,15 +34,18 @@ class Tokenizer:
     stop: list[int] = field(default_factory=list)
     missing: bytes = b""  # bytes the vocabulary has no token for (SmolLM2 lacks 21 of them)
 
-    def encode(self, text):
-        """Ordinary text: special-token strings in it are treated as plain text. Characters whose
-        UTF-8 holds a byte the vocabulary cannot spell are dropped, as HF's BPE without byte
-        fallback does (tiktoken would panic on them)."""
+    def spellable(self, text):
+        """`text` less the characters whose UTF-8 holds a byte the vocabulary cannot spell, as HF's
+        BPE without byte fallback drops them (tiktoken would panic on them)."""
         if self.missing:
             raw = text.encode("utf-8")
             if raw.translate(None, self.missing) != raw:
                 text = "".join(c for c in text if not set(c.encode("utf-8")).intersection(self.missing))
-        return self.enc.encode_ordinary(text)
+        return text
+
+    def encode(self, text):
+        """Ordinary text: special-token strings in it are treated as plain text."""
+        return self.enc.encode_ordinary(self.spellable(text))
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -46,20 +53,49 @@ class Tokenizer:
     def special(self, name):
         return self.enc.encode_single_token(name)
 
+    @functools.cached_property
+    def plain(self):
+        """The strings escape() hides: PLAIN, then the special tokens, longest first."""
+        return [PLAIN, *sorted(self.enc.special_tokens_set, key=len, reverse=True)]
+
+    def escape(self, content):
+        """Message content with every special-token string (and PLAIN itself) written as PLAIN,
+        its index, PLAIN: encode_chat spells those as plain text, so no message forges a token."""
+        found = re.compile("|".join(map(re.escape, self.plain)))
+        return found.sub(lambda m: f"{PLAIN}{self.plain.index(m.group())}{PLAIN}", content)
+
+    def encode_chat(self, text):
+        """Chat text (render's): the special-token strings of the format are special tokens, as
+        transformers' apply_chat_template tokenizes them; escaped content stays plain text."""
+        ids = []
+        for i, part in enumerate(re.split(f"{PLAIN}(\\d+){PLAIN}", text)):
+            if i % 2:
+                ids += self.encode(self.plain[int(part)])
+            elif part:
+                ids += self.enc.encode(self.spellable(part), allowed_special="all")
+        return ids
+
+    def render(self, messages, add_generation_prompt=False):
+        """The chat text of `messages` ([{"role", "content"}, ...]), ending with the header of the
+        assistant's turn when add_generation_prompt."""
+        msgs = [{**m, "content": self.escape(m["content"])} for m in messages]
+        if self.chat == "chatml":
+            if self.system and not (msgs and msgs[0]["role"] == "system"):
+                msgs = [{"role": "system", "content": self.system}, *msgs]
+            turn = lambda role, content="": f"<|im_start|>{role}\n{content}"  # noqa: E731
+            return "".join(turn(m["role"], m["content"]) + "<|im_end|>\n" for m in msgs) + (
+                turn("assistant") if add_generation_prompt else "")
+        if self.chat == "llama3":
+            head = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"  # noqa: E731
+            return "<|begin_of_text|>" + "".join(head(m["role"]) + m["content"] + "<|eot_id|>" for m in msgs) + (
+                head("assistant") if add_generation_prompt else "")
+        raise ValueError("this model's tokenizer has no chat format: use --prompt alpaca, or plain text")
+
     def prompt(self, user):
         """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
-        if self.chat == "chatml":
-            start, end, nl = self.special("<|im_start|>"), self.special("<|im_end|>"), self.encode("\n")
-            ids = []
-            if self.system:
-                ids += [start] + self.encode("system\n" + self.system) + [end] + nl
-            return ids + [start] + self.encode("user\n" + user) + [end] + nl + [start] + self.encode("assistant\n")
-        if self.chat == "llama3":
-            head = lambda role: [self.special("<|start_header_id|>")] + self.encode(role) + [
-                self.special("<|end_header_id|>")] + self.encode("\n\n")
-            return ([self.special("<|begin_of_text|>")] + head("user") + self.encode(user) +
-                    [self.special("<|eot_id|>")] + head("assistant"))
-        return self.encode(user)
+        if self.chat is None:
+            return self.encode(user)
+        return self.encode_chat(self.render([{"role": "user", "content": user}], add_generation_prompt=True))
 
 
 def byte_decoder():
