@@ -2,12 +2,15 @@
 
 Sources: a GGUF vocabulary (byte-level BPE), a Hugging Face `tokenizer.json` or GPT-2's
 `vocab.json` + `merges.txt` (byte-level BPE), and a Llama-3 `tokenizer.model` (tiktoken format).
+Anything else (SentencePiece-style BPE as Llama 2 ships it, Unigram, WordPiece) is refused with
+what it is (not_byte_level).
 Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
 and their ids follow merge order, so a token's id is its tiktoken rank.
 """
 import functools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +36,14 @@ class Tokenizer:
     system: str | None = None  # ChatML's default system message, when the template has one
     stop: list[int] = field(default_factory=list)
     missing: bytes = b""  # bytes the vocabulary has no token for (SmolLM2 lacks 21 of them)
+    normalize: str | None = None  # the tokenizer.json's unicode normalization ("NFC" for Qwen2)
 
     def spellable(self, text):
-        """`text` less the characters whose UTF-8 holds a byte the vocabulary cannot spell, as HF's
-        BPE without byte fallback drops them (tiktoken would panic on them)."""
+        """`text` normalized as the tokenizer.json says, less the characters whose UTF-8 holds a
+        byte the vocabulary cannot spell, as HF's BPE without byte fallback drops them (tiktoken
+        would panic on them)."""
+        if self.normalize:
+            text = unicodedata.normalize(self.normalize, text)
         if self.missing:
             raw = text.encode("utf-8")
             if raw.translate(None, self.missing) != raw:
@@ -159,6 +166,29 @@ def hf_pattern(pre):
     return GPT2_PAT
 
 
+NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")  # unicodedata's own
+
+
+def not_byte_level(tj):
+    """What a tokenizer.json is, in words, when it is not byte-level BPE as tiktoken reads it; None
+    when it is. SentencePiece-style BPE (Llama 2, Mistral 7B, TinyLlama: '▁' for spaces, <0x..>
+    byte fallback) merges characters, not bytes, which tiktoken cannot express."""
+    model = tj.get("model") or {}
+    parts = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer"), tj.get("decoder")], ensure_ascii=False)
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return f"a {model.get('type')} tokenizer"
+    if model.get("byte_fallback") or "Metaspace" in parts or "▁" in parts:
+        return "SentencePiece-style BPE ('▁' for spaces, byte fallback)"
+    if '"ByteLevel"' not in parts:
+        return "BPE over characters, not bytes"
+    if '"add_prefix_space": true' in json.dumps(tj.get("pre_tokenizer")):
+        return "byte-level BPE that adds a space before the text (add_prefix_space)"
+    norm = tj.get("normalizer")
+    if norm is not None and norm.get("type") not in NORMALIZERS:
+        return f"byte-level BPE with a {norm.get('type')} normalizer (only {', '.join(NORMALIZERS)} are applied)"
+    return None
+
+
 def from_hf_dir(path):
     """A tokenizer from a checkpoint directory, or None when it ships none we can read."""
     path = Path(path)
@@ -168,13 +198,16 @@ def from_hf_dir(path):
         template = template if isinstance(template, str) else None
     if (path / "tokenizer.json").exists():
         tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        model = tj["model"]
-        if model.get("type") != "BPE" or not model.get("vocab"):
-            raise ValueError(f"{path / 'tokenizer.json'} is not a byte-level BPE tokenizer")
-        vocab = dict(model["vocab"])
+        unreadable = not_byte_level(tj)
+        if unreadable:
+            raise ValueError(f"{path / 'tokenizer.json'} is {unreadable}: only byte-level BPE tokenizers "
+                             f"(GPT-2, Llama 3, SmolLM, Qwen2, Mistral-Nemo and the like) can be read")
+        vocab = dict(tj["model"]["vocab"])
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         vocab.update(specials)
-        return from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template)
+        tok = from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template)
+        tok.normalize = (tj.get("normalizer") or {}).get("type")
+        return tok
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
