@@ -307,25 +307,35 @@ def shifted(pieces, seq_len):
 
 
 def encode_chat(tok, chat, seq_len):
-    """(ids, targets) of a conversation in the model's chat format: the targets are the assistant
-    turns, each up to and including its stop token (the format's text after it is context)."""
+    """(ids, targets) of a conversation in the model's chat format, tokenized whole as transformers
+    tokenizes it. The targets are the assistant turns, each from the token holding its first
+    character (as transformers' assistant mask counts them) up to and including its stop token;
+    the format's text after that is context."""
     msgs = list(chat.messages)
     try:
-        full, pieces, at = tok.render(msgs), [], 0
+        full, spans, end = tok.render(msgs), [], 0
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
             head, turn = tok.render(msgs[:k], add_generation_prompt=True), tok.render(msgs[:k + 1])
-            if not (full.startswith(turn) and turn.startswith(head) and len(head) >= at):
+            if not (full.startswith(turn) and turn.startswith(head) and len(head) >= end):
                 raise DataError("the model's chat template does not render a conversation as its turns one "
                                 "after another, so the assistant's turns cannot be told apart")
-            answer = tok.encode_chat(turn[len(head):])
-            end = next((j + 1 for j, t in enumerate(answer) if t in tok.stop), len(answer))
-            pieces += [(tok.encode_chat(full[at:len(head)]), False), (answer[:end], True), (answer[end:], False)]
-            at = len(turn)
+            spans.append((len(head), len(turn)))
+            end = len(turn)
     except ValueError as e:  # no chat format, or the template failed
         raise DataError(f"cannot render chat messages: {e}") from None
-    return shifted(pieces + [(tok.encode_chat(full[at:]), False)], seq_len)
+    ids, starts = tok.encode_chat(full, offsets=True)
+    learnt = [False] * len(ids)
+    for a, b in spans:
+        first = starts.index(max(s for s in starts if s <= a))  # the first token holding character a
+        for j in range(first, len(ids)):
+            if starts[j] >= b:
+                break
+            learnt[j] = True
+            if ids[j] in tok.stop:
+                break
+    return shifted([([t], keep) for t, keep in zip(ids, learnt)], seq_len)
 
 
 def encode_all(tok, items, seq_len, style="chat"):

@@ -3,11 +3,14 @@
 Sources: a GGUF vocabulary (byte-level BPE), a Hugging Face `tokenizer.json` or GPT-2's
 `vocab.json` + `merges.txt` (byte-level BPE), and a Llama-3 `tokenizer.model` (tiktoken format).
 Anything else (SentencePiece-style BPE as Llama 2 ships it, Unigram, WordPiece) is refused with
-what it is (not_byte_level).
+what it is (not_byte_level). Chat prompts render the checkpoint's own Jinja chat template as
+transformers does (jinja2 imported only then), else a built-in ChatML or Llama-3 format.
 Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
 and their ids follow merge order, so a token's id is its tiktoken rank.
 """
+import datetime
 import functools
+import importlib.util
 import json
 import re
 import unicodedata
@@ -17,9 +20,10 @@ from pathlib import Path
 import tiktoken
 
 # Pre-tokenizer regexes. SmolLM splits digits one by one before GPT-2's byte-level split, which
-# is GPT-2's pattern with ` ?\p{N}+` replaced by `\p{N}` (the space then stands alone, as in HF).
+# is GPT-2's pattern with ` ?\p{N}+` replaced by `\p{N}` (the space then stands alone, as in HF),
+# and a digit ending a whitespace run as the end of the text does (HF splits the digit off first).
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-SMOLLM_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SMOLLM_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 LLAMA3_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
               r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
@@ -37,6 +41,8 @@ class Tokenizer:
     stop: list[int] = field(default_factory=list)
     missing: bytes = b""  # bytes the vocabulary has no token for (SmolLM2 lacks 21 of them)
     normalize: str | None = None  # the tokenizer.json's unicode normalization ("NFC" for Qwen2)
+    template: str | None = None  # the checkpoint's own chat template (Jinja), rendered where jinja2 is
+    names: dict = field(default_factory=dict)  # what templates read besides messages: bos_token, eos_token
 
     def spellable(self, text):
         """`text` normalized as the tokenizer.json says, less the characters whose UTF-8 holds a
@@ -71,21 +77,36 @@ class Tokenizer:
         found = re.compile("|".join(map(re.escape, self.plain)))
         return found.sub(lambda m: f"{PLAIN}{self.plain.index(m.group())}{PLAIN}", content)
 
-    def encode_chat(self, text):
+    def encode_chat(self, text, offsets=False):
         """Chat text (render's): the special-token strings of the format are special tokens, as
-        transformers' apply_chat_template tokenizes them; escaped content stays plain text."""
-        ids = []
+        transformers' apply_chat_template tokenizes them; escaped content stays plain text. With
+        `offsets`, also the index in `text` of each token's first character."""
+        ids, starts, at = [], [], 0
         for i, part in enumerate(re.split(f"{PLAIN}(\\d+){PLAIN}", text)):
             if i % 2:
-                ids += self.encode(self.plain[int(part)])
-            elif part:
-                ids += self.enc.encode(self.spellable(part), allowed_special="all")
-        return ids
+                new = self.encode(self.plain[int(part)])
+                starts += [at] * len(new)
+                at += len(part) + 2
+            else:
+                part = self.spellable(part)
+                new = self.enc.encode(part, allowed_special="all")
+                char = [j for j, c in enumerate(part) for _ in c.encode("utf-8")]  # byte -> character
+                byte = 0
+                for t in new:
+                    starts.append(at + char[byte])
+                    byte += len(self.enc.decode_single_token_bytes(t))
+                at += len(part)
+            ids += new
+        return (ids, starts) if offsets else ids
 
     def render(self, messages, add_generation_prompt=False):
         """The chat text of `messages` ([{"role", "content"}, ...]), ending with the header of the
-        assistant's turn when add_generation_prompt."""
+        assistant's turn when add_generation_prompt: the checkpoint's template as transformers'
+        apply_chat_template renders it, else (no template, or no jinja2) the built-in format."""
         msgs = [{**m, "content": self.escape(m["content"])} for m in messages]
+        if self.template and (jinja_installed() or self.chat is None):
+            return compile_template(self.template).render(
+                messages=msgs, add_generation_prompt=add_generation_prompt, **self.names)
         if self.chat == "chatml":
             if self.system and not (msgs and msgs[0]["role"] == "system"):
                 msgs = [{"role": "system", "content": self.system}, *msgs]
@@ -100,9 +121,51 @@ class Tokenizer:
 
     def prompt(self, user):
         """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
-        if self.chat is None:
+        if self.chat is None and self.template is None:
             return self.encode(user)
         return self.encode_chat(self.render([{"role": "user", "content": user}], add_generation_prompt=True))
+
+
+def jinja_installed():
+    return importlib.util.find_spec("jinja2") is not None
+
+
+@functools.lru_cache(maxsize=8)
+def compile_template(source):
+    """A chat template compiled as transformers compiles it: a sandbox (templates come from the
+    hub: untrusted), trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception and
+    strftime_now, and `{% generation %}` blocks rendered as their content."""
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("this model's chat template needs jinja2: pip install jinja2") from None
+
+    class Generation(jinja2.ext.Extension):  # marks assistant text for transformers; no-op here
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the model's chat template does not compile: {e}") from None
 
 
 def byte_decoder():
@@ -118,27 +181,31 @@ def byte_decoder():
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def from_vocab(name, vocab, specials, pattern, template=None):
+def from_vocab(name, vocab, specials, pattern, template=None, names=None):
     """vocab: byte-level token string -> id; specials: special token string -> id."""
     dec = byte_decoder()
     ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in specials}
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    tok = with_chat(enc, template)
+    tok = with_chat(enc, template, names)
     tok.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
     return tok
 
 
-def with_chat(enc, template=None):
-    """Pick the chat format from the special tokens the vocabulary has."""
-    sp = enc.special_tokens_set
+def with_chat(enc, template=None, names=None):
+    """The Tokenizer of `enc`: the checkpoint's template and its token names (bos_token, eos_token),
+    the built-in format the special tokens allow (ChatML, Llama 3), and the stop tokens: the format's
+    end of turn first (what training appends to a response), then the end-of-text tokens and eos."""
+    sp, names = enc.special_tokens_set, {k: v for k, v in (names or {}).items() if v}
     if "<|im_start|>" in sp and "<|im_end|>" in sp:
         m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template or "")
-        return Tokenizer(enc, "chatml", m.group(1) if m else None, [enc.encode_single_token("<|im_end|>")])
-    if "<|eot_id|>" in sp and "<|start_header_id|>" in sp:
-        stop = [enc.encode_single_token(t) for t in ("<|eot_id|>", "<|end_of_text|>") if t in sp]
-        return Tokenizer(enc, "llama3", None, stop)
-    stop = [enc.encode_single_token(t) for t in ("<|endoftext|>", "</s>", "<|end_of_text|>") if t in sp]
-    return Tokenizer(enc, None, None, stop)
+        chat, system, ends = "chatml", m.group(1) if m else None, ["<|im_end|>"]
+    elif "<|eot_id|>" in sp and "<|start_header_id|>" in sp:
+        chat, system, ends = "llama3", None, ["<|eot_id|>", "<|end_of_text|>"]
+    else:
+        chat, system, ends = None, None, ["<|endoftext|>", "</s>", "<|end_of_text|>"]
+    ends.append(names.get("eos_token"))
+    stop = [enc.encode_single_token(t) for t in dict.fromkeys(ends) if t in sp]
+    return Tokenizer(enc, chat, system, stop, template=template, names=names)
 
 
 def from_gguf(fields):
@@ -152,7 +219,9 @@ def from_gguf(fields):
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
     specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
     vocab = {t: i for i, t in enumerate(tokens)}
-    return from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"))
+    names = {f"{k}_token": tokens[fields[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos")
+             if f"tokenizer.ggml.{k}_token_id" in fields}
+    return from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
 
 
 def hf_pattern(pre):
@@ -189,37 +258,53 @@ def not_byte_level(tj):
     return None
 
 
+def hf_chat(path):
+    """(chat template or None, {bos_token, eos_token}) of a checkpoint directory: the template from
+    tokenizer_config.json (a string, or a list of named ones: "default") or chat_template.jinja,
+    where transformers 5 saves it."""
+    config = {}
+    if (path / "tokenizer_config.json").exists():
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str) and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    names = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        names[key] = value.get("content") if isinstance(value, dict) else value
+    return template if isinstance(template, str) else None, names
+
+
 def from_hf_dir(path):
     """A tokenizer from a checkpoint directory, or None when it ships none we can read."""
     path = Path(path)
-    template = None
-    if (path / "tokenizer_config.json").exists():
-        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-        template = template if isinstance(template, str) else None
+    template, names = hf_chat(path)
     if (path / "tokenizer.json").exists():
         tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
         unreadable = not_byte_level(tj)
         if unreadable:
             raise ValueError(f"{path / 'tokenizer.json'} is {unreadable}: only byte-level BPE tokenizers "
-                             f"(GPT-2, Llama 3, SmolLM, Qwen2, Mistral-Nemo and the like) can be read")
+                             f"(GPT-2, Llama 3, SmolLM, Qwen2 and the like) can be read")
         vocab = dict(tj["model"]["vocab"])
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         vocab.update(specials)
-        tok = from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template)
+        tok = from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
         tok.normalize = (tj.get("normalizer") or {}).get("type")
         return tok
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
-        return from_vocab(path.name, vocab, specials, GPT2_PAT, template)
+        return from_vocab(path.name, vocab, specials, GPT2_PAT, template, names)
     if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
         model_file = path / "tokenizer.model"
         model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
-        return from_llama3_model(model_file)
+        return from_llama3_model(model_file, template, names)
     return None
 
 
-def from_llama3_model(model_file):
+def from_llama3_model(model_file, template=None, names=None):
     """Llama 3's tokenizer.model: base64 token + rank per line, then 256 special tokens."""
     try:
         ranks = tiktoken.load.load_tiktoken_bpe(str(model_file))
@@ -232,7 +317,7 @@ def from_llama3_model(model_file):
     names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(names))]  # Llama 3.1 names
     specials = {t: len(ranks) + i for i, t in enumerate(names)}
     return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
-                                       special_tokens=specials))
+                                       special_tokens=specials), template, names)
 
 
 def gguf_to_hf(fields):
