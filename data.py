@@ -189,6 +189,10 @@ def _example(path, i, rec):
         raise DataError(f"{path}: record {i}'s 'instruction' is not a string")
     extra = extra.strip() if isinstance(extra, str) else ""
     response = response if isinstance(response, str) else ""
+    if isinstance(answer, list) and len(answer) == 1:  # LLM-Adapters' math files: ["C"], [68.0]
+        answer = answer[0]
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
     if answer is None or isinstance(answer, (dict, list)):
         answer = extract_answer(response) or ""
     return Example(rec["instruction"], response, str(answer).strip(), extra)
