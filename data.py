@@ -160,8 +160,10 @@ def read_records(path):
             records = json.loads(text)
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{path} must hold a non-empty list of records")
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a list of records")
+    if not records:
+        raise DataError(f"{path} holds no records")
     kinds = [next((k for k in KINDS if isinstance(r, dict) and k in r), None) for r in records]
     for i, kind in enumerate(kinds, 1):
         if kind is None:

@@ -147,9 +147,10 @@ def check_adapter(model, adapter_dir):
 def same_model(model, adapter_dir, meta):
     """Refuse an adapter whose recorded model_config is not `model`'s (fields added to the config
     class since it was written count as their defaults)."""
-    saved, ours = meta.get("model_config"), dataclasses.asdict(model.cfg)
-    if saved is None:
+    saved = meta.get("model_config")
+    if saved is None:  # saved by save_adapter without one (e.g. on a transformers model)
         return
+    ours = dataclasses.asdict(model.cfg)
     saved = {**dataclasses.asdict(type(model.cfg)()), **saved}
     differ = [f"{k} {saved.get(k)}, here {ours.get(k)}" for k in sorted(saved.keys() | ours.keys())
               if saved.get(k) != ours.get(k)]

@@ -88,9 +88,9 @@ class Tokenizer:
                 starts += [at] * len(new)
                 at += len(part) + 2
             else:
-                part = self.spellable(part)
-                new = self.enc.encode(part, allowed_special="all")
-                char = [j for j, c in enumerate(part) for _ in c.encode("utf-8")]  # byte -> character
+                clean = self.spellable(part)  # offsets count in it: they drift only where it differs
+                new = self.enc.encode(clean, allowed_special="all")
+                char = [j for j, c in enumerate(clean) for _ in c.encode("utf-8")]  # byte -> character
                 byte = 0
                 for t in new:
                     starts.append(at + char[byte])

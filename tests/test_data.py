@@ -81,7 +81,7 @@ def write_jsonl(path, records):
     ([{"messages": [{"role": "bot", "content": "hi"}]}], "record 1's 'messages' must be a list"),
     ([{"messages": "hi"}], "record 1's 'messages' must be a list"),
     ([{"text": ["a"]}], "record 1's 'text' is not a string"),
-    ([], "non-empty list"),
+    ([], "holds no records"),
 ])
 def test_a_file_of_no_one_kind_is_refused_in_one_sentence(tmp_path, records, message):
     with pytest.raises(data.DataError, match=message):
