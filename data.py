@@ -1,10 +1,11 @@
-"""Tasks and datasets: the built-in arithmetic task, LLM-Adapters JSON/JSONL, prompts, answers.
+"""Tasks and datasets: the built-in arithmetic task, JSON/JSONL files (LLM-Adapters records, chat
+messages, plain text), prompts, answers.
 
 An Example is a question, the response a model should write (a worked solution ending
 "The answer is N."), and the gold answer. Training sees the prompt (the model's chat template,
 or the Alpaca template LLM-Adapters uses) and learns only the response tokens; evaluation
-generates a response and compares the extracted answer. Plain text trains as fixed-length chunks
-in which every token is a target.
+generates a response and compares the extracted answer. Chat conversations train on their
+assistant turns; plain text trains as fixed-length chunks in which every token is a target.
 """
 import functools
 import json
@@ -135,8 +136,18 @@ def arithmetic(split, n=None, seed=1234):
 
 # ----------------------------------------------------------------------------- files
 
-def load_examples(path):
-    """LLM-Adapters records (`instruction`, `input`, `output`, `answer`) from .json or .jsonl."""
+KINDS = {"instruction": "LLM-Adapters records", "messages": "chat conversations", "text": "plain text"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation ({"messages": [...]}): the loss covers the assistant's turns only."""
+    messages: tuple  # ({"role": "system" | "user" | "assistant", "content": str}, ...)
+
+
+def read_records(path):
+    """(kind, records) of a .json list or .jsonl file whose records are all of one KINDS kind."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -151,37 +162,95 @@ def load_examples(path):
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a list of records")
-    out = []
-    for rec in records:
-        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-            continue
-        extra = rec.get("input")
-        extra = extra.strip() if isinstance(extra, str) else ""
-        response, answer = rec.get("output"), rec.get("answer")
-        if not isinstance(response, str):
-            response = ""
-        if answer is None or isinstance(answer, (dict, list)):
-            answer = extract_answer(response) or ""
-        out.append(Example(rec["instruction"], response, str(answer).strip(), extra))
-    if not out:
-        raise DataError(f"{path} has no usable records (each needs an 'instruction' string)")
-    return out
+    if not records:
+        raise DataError(f"{path} holds no records")
+    kinds = [next((k for k in KINDS if isinstance(r, dict) and k in r), None) for r in records]
+    for i, kind in enumerate(kinds, 1):
+        if kind is None:
+            raise DataError(f"{path}: record {i} has no 'instruction' (LLM-Adapters), 'messages' (chat) "
+                            "or 'text' (plain text) key")
+        if kind != kinds[0]:
+            raise DataError(f"{path}: record {i} holds {KINDS[kind]}, record 1 {KINDS[kinds[0]]}: one kind per file")
+    return kinds[0], records
+
+
+def kind_of(source):
+    """The KINDS kind of a data file (of a directory's train.json); None where it cannot be read,
+    for the loaders to say why."""
+    path = Path(source)
+    path = path / "train.json" if path.is_dir() else path
+    try:
+        return read_records(path)[0]
+    except DataError:
+        return None
+
+
+def _example(path, i, rec):
+    extra, response, answer = rec.get("input"), rec.get("output"), rec.get("answer")
+    if not isinstance(rec["instruction"], str):
+        raise DataError(f"{path}: record {i}'s 'instruction' is not a string")
+    extra = extra.strip() if isinstance(extra, str) else ""
+    response = response if isinstance(response, str) else ""
+    if isinstance(answer, list) and len(answer) == 1:  # LLM-Adapters' math files: ["C"], [68.0]
+        answer = answer[0]
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    if answer is None or isinstance(answer, (dict, list)):
+        answer = extract_answer(response) or ""
+    return Example(rec["instruction"], response, str(answer).strip(), extra)
+
+
+def _chat(path, i, rec):
+    msgs = rec["messages"]
+    if not (isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs)):
+        raise DataError(f"{path}: record {i}'s 'messages' must be a list of {{\"role\": {'|'.join(ROLES)}, "
+                        "\"content\": string}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{path}: record {i} has no assistant message to learn")
+    return Chat(tuple({"role": m["role"], "content": m["content"]} for m in msgs))
+
+
+def _text(path, i, rec):
+    if not isinstance(rec["text"], str):
+        raise DataError(f"{path}: record {i}'s 'text' is not a string")
+    return rec["text"]
+
+
+def load_items(path):
+    """Training items of a .json / .jsonl file: Examples (LLM-Adapters' `instruction`, `input`,
+    `output`, `answer`), Chats (`messages`) or strings (`text`), as encode_all takes them."""
+    kind, records = read_records(path)
+    read = {"instruction": _example, "messages": _chat, "text": _text}[kind]
+    return [read(path, i, rec) for i, rec in enumerate(records, 1)]
+
+
+def load_examples(path):
+    """LLM-Adapters records (`instruction`, `input`, `output`, `answer`) from .json or .jsonl:
+    test sets, whose answers are scored."""
+    kind, _ = read_records(path)
+    if kind != "instruction":
+        raise DataError(f"{path} holds {KINDS[kind]}: test sets are LLM-Adapters records with answers "
+                        "(for the perplexity of plain text, use eval.py --text)")
+    return load_items(path)
 
 
 def load_sets(source, split):
-    """{set name: examples} of `split` ("train" or "test") from a .json/.jsonl file (one set, both
-    splits) or a directory in LLM-Adapters' layout: train.json, and test_<set>.json per test set."""
+    """{set name: items} of `split` ("train" or "test") from a .json/.jsonl file (one set, both
+    splits) or a directory in LLM-Adapters' layout: train.json, and test_<set>.json per test set.
+    Training takes any kind of load_items; tests only LLM-Adapters records."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"data source {path} does not exist")
+    load = load_items if split == "train" else load_examples
     if not path.is_dir():
-        return {path.stem: load_examples(path)}
+        return {path.stem: load(path)}
     if split == "train":
-        return {"train": load_examples(path / "train.json")}
+        return {"train": load(path / "train.json")}
     files = sorted(path.glob("test_*.json"), key=lambda f: _set_order(f.stem[len("test_"):]))
     if not files:
         raise DataError(f"{path} has no test_<set>.json files")
-    return {f.stem[len("test_"):]: load_examples(f) for f in files}
+    return {f.stem[len("test_"):]: load(f) for f in files}
 
 
 MATH_SETS = ["svamp", "aqua", "addsub", "multiarith", "singleeq", "gsm8k"]  # the SARA paper's column order
@@ -230,28 +299,79 @@ def encode(tok, ex, seq_len, style="chat"):
     """(ids, targets): the prompt then the response; targets are -100 except on the response
     tokens and the closing stop token, which the model must learn to emit."""
     head = prompt(tok, ex, style)
-    response = tok.encode(ex.response) + tok.stop[:1]
-    ids = head + response
+    return shifted([(head, False), (tok.encode(ex.response) + tok.stop[:1], True)], seq_len)
+
+
+def shifted(pieces, seq_len):
+    """(ids, targets) of token pieces [(ids, learnt?), ...]: each learnt token is the target of
+    the position before it. None when the whole is longer than seq_len + 1 tokens."""
+    ids = [t for piece, _ in pieces for t in piece]
+    learnt = [keep for piece, keep in pieces for _ in piece]
     if len(ids) > seq_len + 1:
         return None
-    return ids[:-1], [-100] * (len(head) - 1) + response
+    return ids[:-1], [t if keep else -100 for t, keep in zip(ids[1:], learnt[1:])]
 
 
-def encode_all(tok, examples, seq_len, style="chat"):
-    encoded = [e for e in (encode(tok, ex, seq_len, style) for ex in examples) if e is not None]
+def encode_chat(tok, chat, seq_len):
+    """(ids, targets) of a conversation in the model's chat format, tokenized whole as transformers
+    tokenizes it. The targets are the assistant turns, each from the token holding its first
+    character (as transformers' assistant mask counts them) up to and including its stop token;
+    the format's text after that is context."""
+    msgs = list(chat.messages)
+    try:
+        full, spans, end = tok.render(msgs), [], 0
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            head, turn = tok.render(msgs[:k], add_generation_prompt=True), tok.render(msgs[:k + 1])
+            if not (full.startswith(turn) and turn.startswith(head) and len(head) >= end):
+                raise DataError("the model's chat template does not render a conversation as its turns one "
+                                "after another, so the assistant's turns cannot be told apart")
+            spans.append((len(head), len(turn)))
+            end = len(turn)
+    except ValueError as e:  # no chat format, or the template failed
+        raise DataError(f"cannot render chat messages: {e}") from None
+    ids, starts = tok.encode_chat(full, offsets=True)
+    learnt = [False] * len(ids)
+    for a, b in spans:
+        first = starts.index(max(s for s in starts if s <= a))  # the first token holding character a
+        for j in range(first, len(ids)):
+            if starts[j] >= b:
+                break
+            learnt[j] = True
+            if ids[j] in tok.stop:
+                break
+    return shifted([([t], keep) for t, keep in zip(ids, learnt)], seq_len)
+
+
+def encode_all(tok, items, seq_len, style="chat"):
+    """(ids, targets) pairs of training items (load_items'): Examples in the prompt `style`, Chats
+    in the model's chat format, texts as chunks. Examples and Chats longer than seq_len are skipped."""
+    encoded = []
+    for it in items:
+        if isinstance(it, str):
+            encoded += windows(tok.encode(it), seq_len)
+            continue
+        if isinstance(it, Chat) and style != "chat":
+            raise DataError(f"chat messages are rendered in the model's chat format: drop --prompt {style}")
+        e = encode_chat(tok, it, seq_len) if isinstance(it, Chat) else encode(tok, it, seq_len, style)
+        if e is not None:
+            encoded.append(e)
     if not encoded:
         raise DataError(f"no example fits --seq-len {seq_len}: raise it")
     return encoded
 
 
+def windows(ids, seq_len):
+    """Windows of seq_len + 1 tokens that overlap by one, as (ids, targets): each token but the
+    first is a target exactly once."""
+    return [(w[:-1], w[1:]) for w in (ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len))]
+
+
 def chunks(tok, texts, seq_len):
-    """Plain text as (ids, targets) pairs like encode's, with no prompt: windows of seq_len + 1
-    tokens that overlap by one (each token is a target exactly once); none crosses two texts."""
-    out = []
-    for text in texts:
-        ids = tok.encode(text)
-        windows = (ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len))
-        out += [(w[:-1], w[1:]) for w in windows]
+    """Plain text as (ids, targets) pairs like encode's, with no prompt: windows() of each text
+    (none crosses two texts)."""
+    out = [pair for text in texts for pair in windows(tok.encode(text), seq_len)]
     if not out:
         raise DataError("the text holds fewer than two tokens")
     return out

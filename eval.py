@@ -6,6 +6,7 @@
     python eval.py --task commonsense --limit 100 --adapter out/lora    # see benchmarks.py
     python eval.py --text prose.txt --adapter out/lora    # perplexity of a plain-text file
     python eval.py --adapter runs/* --limit 200 --markdown # also print the README's results table
+    python eval.py --adapter out/lora --limit 20 --show 3  # and three completions per row
     python eval.py --plot figs --adapter runs/*           # figures (plots.py) instead of evaluating
 
 Generation is greedy, batched, with the KV cache; adapters that reduce to LoRA are merged first,
@@ -48,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
                    help="the model's dtype; adapters keep float32 parameters (auto: bf16 where this CPU runs it fast)")
+    p.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print the completions of the first N examples of each test set, for every row")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",
@@ -60,7 +63,9 @@ def parse_args(argv):
             raise ValueError("--plot draws the figures of the --adapter directories over test examples: "
                              "give at least one and leave out --text and --task shakespeare")
         plots.pyplot()  # a missing matplotlib fails before the model loads
-    cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit")
+    cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit", "show")
+    if args.show and (args.text or args.task == "shakespeare"):
+        raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
     configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
@@ -76,15 +81,27 @@ def trained_prompt(configs):
     return styles.pop() if styles else None
 
 
-def accuracy(model, tok, examples, style, batch_size, max_new_tokens):
-    """Share of examples whose generated answer matches the gold one."""
-    order = sorted(examples, key=lambda ex: len(ex.question))  # similar lengths batch with less padding
-    correct = 0
+def accuracy(model, tok, examples, style, batch_size, max_new_tokens, show=0):
+    """(share of examples whose generated answer matches the gold one, the completions of the
+    first `show` examples)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].question))  # less padding
+    correct, shown = 0, {}
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        outs = model.generate([data.prompt(tok, ex, style) for ex in chunk], max_new_tokens, stop_tokens=tok.stop)
-        correct += sum(data.is_correct(tok.decode(out), ex.answer) for ex, out in zip(chunk, outs))
-    return correct / len(examples)
+        outs = model.generate([data.prompt(tok, examples[i], style) for i in chunk], max_new_tokens,
+                              stop_tokens=tok.stop)
+        for i, out in zip(chunk, outs):
+            completion = tok.decode(out)
+            correct += data.is_correct(completion, examples[i].answer)
+            if i < show:
+                shown[i] = completion
+    return correct / len(examples), [shown[i] for i in sorted(shown)]
+
+
+def print_completions(set_name, examples, completions):
+    for i, (ex, completion) in enumerate(zip(examples, completions), 1):
+        verdict = "right" if data.is_correct(completion, ex.answer) else "wrong"
+        print(f"  {set_name} #{i} ({verdict}, gold {ex.answer}) {ex.question!r}\n    -> {completion!r}")
 
 
 @torch.no_grad()
@@ -123,6 +140,8 @@ def main(argv=None):
     print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
     base, tok = models.load(args.model, dtype)
     data.need_tokenizer(tok)
+    for adapter_dir in args.adapter:  # a wrong adapter fails now, not after the rows before it
+        methods.check_adapter(base, adapter_dir)
     base_params = sum(p.numel() for p in base.parameters())
     if args.text:
         try:
@@ -147,11 +166,14 @@ def main(argv=None):
         t = time.time()
         row = {"name": name, "method": meta["method"] if meta else "base", "trainable_params": trainable,
                "share": 100 * trainable / base_params, **(plots.run_facts(adapter_dir, meta) if meta else {})}
+        shown = {}  # set -> the completions --show prints
         if texts:
             row["sets"], row["perplexity"] = perplexity(model, tok, texts, args.seq_len, args.batch_size, args.limit)
         else:
-            row["sets"] = {s: accuracy(model, tok, examples, args.prompt, args.batch_size, args.max_new_tokens)
-                           for s, examples in sets.items()}
+            row["sets"] = {}
+            for s, examples in sets.items():
+                row["sets"][s], shown[s] = accuracy(model, tok, examples, args.prompt, args.batch_size,
+                                                    args.max_new_tokens, args.show or 0)
             row["accuracy"] = sum(row["sets"].values()) / len(sets)  # the papers' Avg.: every set weighs the same
             row["n"] = sum(len(examples) for examples in sets.values())
         seconds = time.time() - t
@@ -160,6 +182,8 @@ def main(argv=None):
             row["examples_per_s"] = round(row["n"] / seconds, 2)
         rows.append(row)
         print_row(row, first=len(rows) == 1)
+        for s, completions in shown.items():
+            print_completions(s, sets[s], completions)
     if args.json:
         methods.write_json(args.json, rows)
     if args.markdown:

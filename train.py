@@ -63,8 +63,9 @@ def parse_args(argv):
     p.add_argument("--method", default="lora", choices=methods.NAMES)
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl file, or a directory holding "
-                        "train.json (default: the built-in task)")
+    source.add_argument("--data", default=None, help="a .json/.jsonl file of LLM-Adapters records, "
+                        '{"messages": [...]} chats or {"text": ...} texts, or a directory holding train.json '
+                        "(default: the built-in task)")
     source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py)")
     p.add_argument("--limit", type=int, default=None, help="train on a seeded sample of N examples per set "
                    "(per task with --task commonsense; chunks with --task shakespeare)")
@@ -73,7 +74,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped")
+    p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped "
+                   "(texts are cut into chunks of this length)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")

@@ -112,9 +112,7 @@ def load_adapter(model, adapter_dir):
     meta = read_config(adapter_dir)
     if "peft" in meta:
         return load_peft(model, adapter_dir, meta["peft"]), meta
-    base = meta.get("model_config")
-    if base is not None and base != dataclasses.asdict(model.cfg):
-        raise AdapterError(f"{adapter_dir} was trained on another model ({meta.get('base_model', '?')})")
+    same_model(model, adapter_dir, meta)
     try:
         method = get(meta["method"])
         method.apply(model, config_from_dict(method, meta["config"]))
@@ -132,6 +130,33 @@ def load_adapter(model, adapter_dir):
     resize_to(model, saved)
     model.load_state_dict(saved, strict=False)
     return model, meta
+
+
+def check_adapter(model, adapter_dir):
+    """Refuse an adapter that does not fit `model`, before anything runs on it: one train.py
+    recorded on a model of another shape, or a PEFT adapter of modules the model lacks or of
+    other sizes. Returns config.json's content, as read_config does."""
+    meta = read_config(adapter_dir)
+    if "peft" in meta:
+        peft_fits(model, adapter_dir, peft_factors(adapter_dir, meta["peft"]))
+    else:
+        same_model(model, adapter_dir, meta)
+    return meta
+
+
+def same_model(model, adapter_dir, meta):
+    """Refuse an adapter whose recorded model_config is not `model`'s (fields added to the config
+    class since it was written count as their defaults)."""
+    saved = meta.get("model_config")
+    if saved is None:  # saved by save_adapter without one (e.g. on a transformers model)
+        return
+    ours = dataclasses.asdict(model.cfg)
+    saved = {**dataclasses.asdict(type(model.cfg)()), **saved}
+    differ = [f"{k} {saved.get(k)}, here {ours.get(k)}" for k in sorted(saved.keys() | ours.keys())
+              if saved.get(k) != ours.get(k)]
+    if differ:
+        raise AdapterError(f"{adapter_dir} was trained on another model, {meta.get('base_model', '?')} "
+                           f"({'; '.join(differ[:3])}): pass that model as --model")
 
 
 def resize_to(model, saved):
@@ -179,11 +204,9 @@ def peft_scale(c, name, r):
     return alpha / (math.sqrt(r) if c.get("use_rslora") else r)
 
 
-@torch.no_grad()
-def load_peft(model, adapter_dir, c):
-    """Wrap each module the PEFT adapter names in a LoRA of its own rank, PEFT's scaling folded
-    into lora_B (so alpha = r here). GPT-2's fused c_attn LoRA is split over q/k/v. Each module has
-    its own rank, so the layers are wrapped one by one rather than by one apply()."""
+def peft_factors(adapter_dir, c):
+    """{our module name: (A (r, in), B (out, r))} of a PEFT adapter, PEFT's scaling folded into B;
+    GPT-2's fused c_attn LoRA split over q/k/v."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -205,18 +228,36 @@ def load_peft(model, adapter_dir, c):
         if ab.keys() != {"A", "B"}:
             raise AdapterError(f"{path} has lora_{next(iter(ab))} for {name} but not its pair")
         factors[name] = (ab["A"], peft_scale(c, name, ab["A"].shape[0]) * ab["B"])
-    lora = get("lora")
-    if any("lora_" in n for n, _ in model.named_parameters()):
-        raise AdapterError(f"{adapter_dir}: the model already has an adapter")
-    for name, (A, B) in our_lora(factors).items():
+    return our_lora(factors)
+
+
+def peft_fits(model, adapter_dir, factors):
+    """Refuse LoRA factors of a module the model lacks, or of another size than its layer."""
+    for name, (A, B) in factors.items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
-            raise AdapterError(f"{path} adapts {name}, which this model does not have") from None
+            raise AdapterError(f"{adapter_dir} adapts {name}, which this model does not have: "
+                               "pass the model it was trained on as --model") from None
         if not isinstance(layer, torch.nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
-            raise AdapterError(f"{path}: the LoRA of {name} does not fit the model's layer")
+            raise AdapterError(f"{adapter_dir}: the LoRA of {name} does not fit the model's layer: "
+                               "pass the model it was trained on as --model")
+
+
+@torch.no_grad()
+def load_peft(model, adapter_dir, c):
+    """Wrap each module the PEFT adapter names in a LoRA of its own rank, PEFT's scaling folded
+    into lora_B (so alpha = r here). Each module has its own rank, so the layers are wrapped one
+    by one rather than by one apply()."""
+    factors = peft_factors(adapter_dir, c)
+    peft_fits(model, adapter_dir, factors)
+    lora = get("lora")
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise AdapterError(f"{adapter_dir}: the model already has an adapter")
+    for name, (A, B) in factors.items():
         r = A.shape[0]
-        wrapped = lora.LoRALinear(layer, lora.Config(r=r, alpha=r, dropout=c.get("lora_dropout", 0.0), targets=(name,)))
+        wrapped = lora.LoRALinear(model.get_submodule(name),
+                                  lora.Config(r=r, alpha=r, dropout=c.get("lora_dropout", 0.0), targets=(name,)))
         wrapped.lora_A.copy_(A)
         wrapped.lora_B.copy_(B)
         lora.replace(model, name, wrapped)

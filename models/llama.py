@@ -2,7 +2,7 @@
 
 Module names are Hugging Face's (`model.layers.3.self_attn.q_proj`, ...), so a HF state dict
 loads with a plain copy and an adapter exports with a key prefix. Covers Llama 2/3, TinyLlama,
-SmolLM/SmolLM2 and the like: everything that differs between them is a Config field.
+SmolLM/SmolLM2, Mistral, Qwen2 and the like: everything that differs between them is a Config field.
 """
 import math
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ class LlamaConfig:
     rope_theta: float = 100000.0
     max_seq_len: int = 8192
     tie_embeddings: bool = True
-    rope_scaling: dict | None = None  # Llama 3.1's {"factor", "low_freq_factor", ...} or None
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor", ...} or None
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2)
 
 
 class RMSNorm(nn.Module):
@@ -62,9 +63,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.n_kv = layer, cfg.n_heads, cfg.n_kv_heads
         self.hd = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache):
@@ -123,12 +124,17 @@ class Llama(nn.Module):
         buffer is ever cast to bf16 with the weights (positions need float32)."""
         hd = self.cfg.dim // self.cfg.n_heads
         inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
-        return llama3_scaling(inv_freq, self.cfg.rope_scaling) if self.cfg.rope_scaling else inv_freq
+        s = self.cfg.rope_scaling
+        if s is None:
+            return inv_freq
+        return inv_freq / s["factor"] if s["rope_type"] == "linear" else llama3_scaling(inv_freq, s)
 
     @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def hidden(self, idx, pos=None, cache=None):
         """Final-norm hidden states (B, T, dim). pos (B, T) defaults to 0..T-1."""

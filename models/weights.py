@@ -126,18 +126,55 @@ def read_tensors(path):
     raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+# the RoPE variants llama.py implements, and the parameters each reads besides θ
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_config(c):
+    """(θ, scaling dict or None) of a config.json, read as transformers 5 reads it: transformers 4's
+    `rope_scaling` before transformers 5's `rope_parameters`, a θ inside them before a top-level
+    `rope_theta`, and a RoPE variant this model does not implement refused."""
+    params = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"RoPE parameters per layer type ({', '.join(params)}) are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"RoPE type {kind!r} is not implemented (only {', '.join(ROPE_KEYS)})")
+    if params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor (RoPE on part of each head) is not implemented")
+    theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    # transformers takes llama3's pretraining length from the top level, else the context length
+    given = {"original_max_position_embeddings": c.get("original_max_position_embeddings",
+                                                       c.get("max_position_embeddings")), **params}
+    missing = [k for k in ROPE_KEYS[kind] if given.get(k) is None]
+    if missing:
+        raise ValueError(f"RoPE type {kind!r} needs {', '.join(missing)}")
+    return theta, {"rope_type": kind, **{k: given[k] for k in ROPE_KEYS[kind]}}
+
+
 def llama_config(c):
-    rope_scaling = c.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in ("llama3", "default"):
-        raise ValueError(f"rope_scaling {rope_scaling} is not supported (only 'llama3')")
+    """LlamaConfig of a llama / mistral / qwen2 config.json; what llama.py does not compute is refused."""
     n_heads = c["num_attention_heads"]
+    if c.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {c['hidden_act']!r} is not implemented (only silu)")
+    if c.get("head_dim") not in (None, c["hidden_size"] // n_heads):
+        raise ValueError(f"head_dim {c['head_dim']} is not hidden_size / num_attention_heads: not implemented")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError("attention_bias / mlp_bias (biases on every attention or MLP projection) are not implemented")
+    theta, scaling = rope_config(c)
+    context = c.get("max_position_embeddings", 2048)
+    window = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] == "mistral") else None
     return LlamaConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
-        hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
-        tie_embeddings=c.get("tie_word_embeddings", False),
-        rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None)
+        hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
+        # within its sliding window, windowed attention is full attention: the context stops there
+        max_seq_len=min(context, window or context),
+        tie_embeddings=c.get("tie_word_embeddings", False), rope_scaling=scaling,
+        qkv_bias=c["model_type"] == "qwen2")
 
 
 def gpt2_state_dict(raw):
@@ -169,13 +206,13 @@ def read_hf_dir(path, dtype=torch.float32):
                         n_heads=c["n_head"], max_seq_len=c.get("n_positions", 1024),
                         norm_eps=c.get("layer_norm_epsilon", 1e-5))
         sd = gpt2_state_dict(raw)
-    elif kind in ("llama", "mistral"):
+    elif kind in ("llama", "mistral", "qwen2"):
         cfg = llama_config(c)
         sd = {k: v for k, v in raw.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_embeddings:
             sd.pop("lm_head.weight", None)
     else:
-        raise ValueError(f"{path}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
+        raise ValueError(f"{path}: model_type {kind!r} is not supported (gpt2, llama, mistral, qwen2)")
     tokenizer = tok.from_hf_dir(path)
     if tokenizer is None:
         warnings.warn(f"{path} ships no tokenizer files (tokenizer.json, vocab.json + merges.txt, "
@@ -186,22 +223,30 @@ def read_hf_dir(path, dtype=torch.float32):
 # ----------------------------------------------------------------------------- writing Hugging Face
 
 def hf_config(cfg, dtype=torch.float32):
-    """config.json of the transformers model that matches `cfg` (old-style RoPE keys, which
-    transformers 4 and 5 and read_hf_dir all read), its weights stored in `dtype`."""
+    """config.json of the transformers model that matches `cfg`, its weights stored in `dtype`:
+    RoPE in `rope_parameters` as transformers 5 writes it, and again in transformers 4's keys
+    (`rope_theta`, `rope_scaling`), which 5 reads to the same values. q/k/v biases make it Qwen2."""
     name = str(dtype).removeprefix("torch.")  # "bfloat16": transformers 5 reads "dtype", 4 "torch_dtype"
     if isinstance(cfg, GPTConfig):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
                 "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": True, "dtype": name, "torch_dtype": name}
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-           "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
-           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
-           "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+    kind = "qwen2" if cfg.qkv_bias else "llama"
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+    out = {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
+           "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+           "head_dim": cfg.dim // cfg.n_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
+           "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
            "dtype": name, "torch_dtype": name}
     if cfg.rope_scaling:
         out["rope_scaling"] = cfg.rope_scaling
+    if kind == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False)
     return out
 
 

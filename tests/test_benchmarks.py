@@ -281,3 +281,61 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, tiny_checkpoint):
     r = cli("eval.py", "--model", str(tiny_checkpoint), "--data", str(tmp_path))
     assert r.returncode == 2 and "has no test_<set>.json files" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the math split
+
+def llm_adapters_clone(root, old_layout=False):
+    """A clone of LLM-Adapters in miniature: math_data.json and dataset/<Set>/test.json, records as
+    that repository writes them (answers as one-element lists, numbers as floats)."""
+    def rec(q, out, answer):
+        return {"instruction": q, "input": "", "answer": [answer], "output": out}
+
+    train = [rec("Tom has 3 apples and buys 4. How many now?", "3 + 4 = 7. The answer is 7.", 7.0),
+             rec("Pick: (A) 1 (B) 2", "It is 2. The answer is (B).", "B"),
+             rec("  Janet's ducks lay 16 eggs.\nHow many   left? ", "The answer is 9.", 9.0)]  # a test question
+    tests = {folder: [rec(f"{folder} question {i}?", f"The answer is {i}.", float(i)) for i in range(2)]
+             for folder in benchmarks.MATH_FOLDERS.values()}
+    tests["gsm8k"].append(rec("Janet's ducks lay 16 eggs. How many left?", "16 - 7 = 9. The answer is 9.", 9.0))
+    tests["AQuA"].append(rec("Choose: (A) x (B) y", "The answer is (A).", "B"))  # its output disagrees with the gold
+    train_path = root / "math_data.json" if old_layout else root / "ft-training_set" / "math_data.json"
+    train_path.parent.mkdir(parents=True)
+    train_path.write_text(json.dumps(train, indent=4))
+    for folder, records in tests.items():
+        (root / "dataset" / folder).mkdir(parents=True)
+        (root / "dataset" / folder / "test.json").write_text(json.dumps(records, indent=4))
+    return root
+
+
+@pytest.mark.parametrize("old_layout", [False, True], ids=["ft-training_set", "top-level"])
+def test_math_split_builds_the_layout_train_and_eval_read(tmp_path, capsys, old_layout):
+    clone = llm_adapters_clone(tmp_path / "LLM-Adapters", old_layout)
+    benchmarks.build_math(["math", str(clone), str(tmp_path / "math")])
+    names = sorted(f.name for f in (tmp_path / "math").iterdir())
+    assert names == sorted(["train.json", *(f"test_{s}.json" for s in benchmarks.MATH_FOLDERS)])
+    (train,) = data.load_sets(tmp_path / "math", "train").values()
+    assert [ex.question for ex in train] == ["Tom has 3 apples and buys 4. How many now?", "Pick: (A) 1 (B) 2"]
+    tests = data.load_sets(tmp_path / "math", "test")
+    assert list(tests) == data.MATH_SETS  # the paper's column order
+    assert [ex.answer for ex in tests["gsm8k"]] == ["0", "1", "9"]
+    assert tests["aqua"][-1].answer == "B"  # the gold letter, not the one its output names
+    assert "dropped 1 training problems" in capsys.readouterr().out
+    split, dropped = benchmarks.math_split(clone, keep_overlap=True)
+    assert dropped == 0 and len(split["train.json"]) == 3
+
+
+def test_math_split_refuses_in_one_line_and_keeps_what_is_there(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, "benchmarks.py", "math", *map(str, a)], cwd=root,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run(tmp_path / "nowhere", tmp_path / "out")
+    assert r.returncode == 2 and "math_data.json is missing" in r.stderr and "git clone" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    clone = llm_adapters_clone(tmp_path / "clone")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = run(clone, tmp_path / "mine")
+    assert r.returncode == 2 and "not an empty directory" in r.stderr
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]

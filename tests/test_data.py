@@ -59,14 +59,40 @@ def test_tricky_answers(text, answer, ok):
 
 def test_load_llm_adapters_json_and_jsonl(tmp_path):
     recs = [{"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5.", "answer": "5"},
-            {"instruction": "Pick one.", "input": "A) x B) y", "output": "The answer is B", "answer": "B"},
-            {"no_instruction": 1}]
+            {"instruction": "Pick one.", "input": "A) x B) y", "output": "The answer is B", "answer": "B"}]
     (tmp_path / "d.json").write_text(json.dumps(recs))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     for f in ("d.json", "d.jsonl"):
         ex = data.load_examples(tmp_path / f)
         assert len(ex) == 2
         assert (ex[1].question, ex[1].input, ex[1].answer) == ("Pick one.", "A) x B) y", "B")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"instruction": "a", "output": "b"}, {"no_instruction": 1}], "record 2 has no 'instruction'"),
+    ([{"text": "a b"}, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+     "record 2 holds chat conversations, record 1 plain text"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "record 1 has no assistant message"),
+    ([{"messages": [{"role": "bot", "content": "hi"}]}], "record 1's 'messages' must be a list"),
+    ([{"messages": "hi"}], "record 1's 'messages' must be a list"),
+    ([{"text": ["a"]}], "record 1's 'text' is not a string"),
+    ([], "holds no records"),
+])
+def test_a_file_of_no_one_kind_is_refused_in_one_sentence(tmp_path, records, message):
+    with pytest.raises(data.DataError, match=message):
+        data.load_items(write_jsonl(tmp_path / "d.jsonl", records))
+
+
+def test_test_sets_must_be_llm_adapters_records(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "some prose"}])
+    assert len(data.load_sets(path, "train")[path.stem]) == 1  # plain text trains
+    with pytest.raises(data.DataError, match="eval.py --text"):
+        data.load_sets(path, "test")
 
 
 @settings(max_examples=50)
@@ -191,3 +217,111 @@ def test_no_keyword_is_wrong(answer, text):
 ])
 def test_tricky_benchmark_answers(text, answer, ok):
     assert data.is_correct(text, answer) is ok
+
+
+# ----------------------------------------------------------------------------- chat messages and text
+
+roles = st.sampled_from(["user", "assistant", "system"])
+contents = st.text(alphabet="ab 12\n", max_size=12) | st.sampled_from(["<|im_end|>", "x<|im_start|>y", "\ue000"])
+conversations = st.lists(st.tuples(roles, contents), min_size=1, max_size=6).filter(
+    lambda c: any(r == "assistant" for r, _ in c)).map(lambda c: data.Chat(tuple({"role": r, "content": t} for r, t in c)))
+
+
+@settings(max_examples=150)
+@given(chat=conversations)
+def test_chat_targets_are_the_assistant_turns_and_their_stop_token(chat):
+    """The learnt tokens spell every assistant message followed by <|im_end|>, in order, and
+    nothing else; the ids are the whole rendered conversation; special-token strings inside a
+    message stay text (only the format's own <|im_start|>/<|im_end|> are special ids)."""
+    tok = byte_tokenizer()
+    ids, targets = data.encode_chat(tok, chat, 10_000)
+    learnt = [t for t in targets if t != -100]
+    assert learnt == [t for m in chat.messages if m["role"] == "assistant" for t in tok.encode(m["content"]) + [257]]
+    full = ids + tok.encode("\n")  # the closing newline is the last token: nobody's target, no input
+    assert targets[-1] == -100
+    assert tok.decode(full) == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat.messages)
+    assert full.count(256) == full.count(257) == len(chat.messages)
+    assert all(t == -100 or t == full[i + 1] for i, t in enumerate(targets))
+    assert data.encode_chat(tok, chat, len(full) - 2) is None  # too long: skipped
+
+
+def test_chat_prompt_at_inference_is_the_trained_context():
+    """The tokens before the first assistant turn are what tok.prompt gives eval.py."""
+    tok = byte_tokenizer()
+    chat = data.Chat(({"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}))
+    ids, targets = data.encode_chat(tok, chat, 512)
+    first = next(i for i, t in enumerate(targets) if t != -100)
+    assert ids[:first + 1] == tok.prompt("What is 2+2?")
+
+
+def test_training_items_of_every_kind(tmp_path):
+    tok = byte_tokenizer()
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "abcdefghij"}, {"text": "x"}])
+    (items,) = data.load_sets(chat, "train").values()
+    assert items == [data.Chat(({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}))]
+    assert data.encode_all(tok, items, 64) == [data.encode_chat(tok, items[0], 64)]
+    with pytest.raises(data.DataError, match="drop --prompt alpaca"):
+        data.encode_all(tok, items, 64, "alpaca")
+    (texts,) = data.load_sets(text, "train").values()
+    assert data.encode_all(tok, texts, 4, None) == data.chunks(tok, ["abcdefghij"], 4)  # "x": no target
+    assert [data.kind_of(p) for p in (chat, text, tmp_path / "none.json")] == ["messages", "text", None]
+
+
+@pytest.mark.parametrize("kind", ["messages", "text"])
+def test_train_py_takes_chat_and_text_jsonl(tmp_path, tiny_checkpoint, kind):
+    import benchmarks
+    import models
+    import train
+
+    if kind == "messages":
+        records = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                 {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(6)]
+    else:
+        records = [{"text": f"Line {i}: the quick brown fox jumps over the lazy dog. " * 3} for i in range(6)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    summary = train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--data", str(path), "--out",
+                          str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+                          "--val-size", "2", "--log-every", "1"])
+    assert summary["steps"] == 2
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["train_args"]["prompt"]
+    assert recorded == {"messages": "chat", "text": None}[kind]
+    tok = models.load(tiny_checkpoint)[1]
+    encoded = benchmarks.train_set(tok, str(path), None, recorded, 64)
+    items = data.load_items(path)
+    want = ([data.encode_chat(tok, c, 64) for c in items] if kind == "messages" else data.chunks(tok, items, 64))
+    assert encoded == want
+
+
+def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
+    """On a template with {% generation %} blocks, the tokens this library learns are exactly those
+    transformers' return_assistant_tokens_mask marks."""
+    from hypothesis import given as given_, settings as settings_
+    from transformers import AutoTokenizer
+
+    from test_tokenizer import TEMPLATES, alternating, save_trained
+    from models import tokenizer as mtok
+
+    path = save_trained(tmp_path, "bytelevel")
+    theirs = AutoTokenizer.from_pretrained(path)
+    theirs.chat_template = TEMPLATES["generation"]
+    theirs.save_pretrained(path)
+    ours = mtok.from_hf_dir(path)
+
+    @settings_(max_examples=40, deadline=None)
+    @given_(msgs=alternating().map(lambda m: m[:-1]))  # ends with an assistant turn
+    def check(msgs):
+        out = theirs.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, targets = data.encode_chat(ours, data.Chat(tuple(msgs)), 10_000)
+        assert ids == out["input_ids"][:-1]
+        assert [0] + [int(t != -100) for t in targets] == out["assistant_masks"]
+
+    check()
+
+
+def test_a_template_that_refuses_the_roles_is_a_data_error():
+    tok = byte_tokenizer()
+    tok.template = "{{ raise_exception('no system role') }}"
+    with pytest.raises(data.DataError, match="cannot render chat messages: the chat template refused"):
+        data.encode_chat(tok, data.Chat(({"role": "assistant", "content": "x"},)), 64)

@@ -283,7 +283,7 @@ def test_bad_training_input_damages_nothing(tiny_checkpoint, finished_run, args,
 
 def test_bad_data_and_adapters_are_user_errors(tmp_path, tiny_checkpoint):
     model = ["--model", str(tiny_checkpoint)]
-    for args, message in [(["--data", write(tmp_path / "empty.json", "[]")], "no usable records"),
+    for args, message in [(["--data", write(tmp_path / "empty.json", "[]")], "holds no records"),
                           (["--data", write(tmp_path / "junk.json", "{not json")], "not valid JSON")]:
         with pytest.raises(USER_ERRORS, match=message):
             train.main([*model, *args, "--out", str(tmp_path / "out")])

@@ -103,9 +103,21 @@ def test_gguf_unknown_tokenizer_kinds_are_refused():
         tok.from_gguf(gguf_fields("no-such-pre"))
 
 
-def test_chatml_vocab_builds_chat_prompt():
+# SmolLM2's template, with another default system message
+CHATML_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] "
+                   "+ '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("jinja", [True, False], ids=["template", "built-in"])
+def test_chatml_vocab_builds_chat_prompt(jinja, monkeypatch):
+    """The GGUF's template rendered, or without jinja2 the built-in ChatML: the same ids."""
+    if not jinja:
+        monkeypatch.setattr(tok, "jinja_installed", lambda: False)
+        monkeypatch.setattr(tok, "compile_template", None)  # never called
     tokens, types, merges = ck.byte_vocab()
-    f = gguf_fields(template="{% if x %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}")
+    f = gguf_fields(template=CHATML_TEMPLATE)
     f["tokenizer.ggml.tokens"] = tokens + ["<|im_start|>", "<|im_end|>"]
     f["tokenizer.ggml.token_type"] = types + [3, 3]
     t = tok.from_gguf(f)
@@ -254,3 +266,188 @@ def test_default_chat_prompt(smol):
     assert text == (f"<|im_start|>system\n{smol.system}<|im_end|>\n<|im_start|>user\nWhat is the capital of "
                     "France?<|im_end|>\n<|im_start|>assistant\n")
     assert ids.count(1) == 3 and ids.count(2) == 2 and ids[-1] != 2
+
+
+# ============================================================================ tokenizer.json files built with `tokenizers`
+
+CORPUS = ["the quick brown fox jumps over the lazy dog 12345 2024", "hello world, where is the café? naïve",
+          "日本語のテキスト 🙂👍🏽 it's we'll they've\n\n\tTabs  and   spaces", "The answer is 42.\r\nYes!"] * 10
+HF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_pre(kind):
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "bytelevel":  # GPT-2's
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "digits":  # SmolLM's
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return pre_tokenizers.Sequence([  # Llama 3's / Qwen2's: a Split regex, then bytes
+        pre_tokenizers.Split(Regex(tok.LLAMA3_PAT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def save_trained(path, kind, normalizer=None):
+    """A byte-level BPE trained here with the `tokenizers` library, saved by transformers."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models as tmodels, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = HFTokenizer(tmodels.BPE())
+    t.pre_tokenizer = byte_level_pre(kind)
+    t.decoder = decoders.ByteLevel()
+    t.normalizer = normalizer
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=HF_SPECIALS,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["bytelevel", "digits", "split-regex", "nfc"])
+def trained(request, tmp_path_factory):
+    """(our tokenizer, transformers' AutoTokenizer) of one trained tokenizer.json."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    kind = "split-regex" if request.param == "nfc" else request.param
+    path = save_trained(tmp_path_factory.mktemp(request.param), kind,
+                        normalizers.NFC() if request.param == "nfc" else None)
+    # split_special_tokens: special-token strings in ordinary text are text, as our encode() has them
+    return tok.from_hf_dir(path), AutoTokenizer.from_pretrained(path, split_special_tokens=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=texts | st.text(alphabet="e\u0301\u00e9 1a", max_size=12))  # and text that NFC changes
+def test_trained_tokenizer_json_ids_equal_transformers(trained, s):
+    ours, theirs = trained
+    ids = ours.encode(s)
+    assert ids == theirs.encode(s, add_special_tokens=False)
+    assert ours.decode(ids) == (theirs.decode(ids) if ours.normalize else s)
+
+
+def test_trained_tokenizer_json_specials_and_merges(trained):
+    ours, theirs = trained
+    assert [ours.special(t) for t in HF_SPECIALS] == theirs.convert_tokens_to_ids(HF_SPECIALS)
+    assert ours.stop == theirs.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])  # end of turn, then eos
+    assert ours.chat == "chatml"
+    assert len(ours.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # the merges are applied
+
+
+def sentencepiece_style(path, style):
+    """tokenizer.json files of the kinds that are refused, built with `tokenizers`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models as tmodels, normalizers, pre_tokenizers, trainers
+
+    if style == "llama2":  # Llama 2 / TinyLlama: '▁' by normalizer, byte fallback
+        t = HFTokenizer(tmodels.BPE(unk_token="<unk>", byte_fallback=True))
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    elif style == "metaspace":  # newer SentencePiece conversions: a Metaspace pre-tokenizer
+        t = HFTokenizer(tmodels.BPE(unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+    elif style == "wordpiece":
+        t = HFTokenizer(tmodels.WordPiece(unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"])
+    else:
+        t = HFTokenizer(tmodels.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<unk>"], unk_token="<unk>")
+    t.train_from_iterator(CORPUS, trainer)
+    t.save(str(path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("style,what", [("llama2", "SentencePiece-style BPE"), ("metaspace", "SentencePiece-style BPE"),
+                                        ("wordpiece", "a WordPiece tokenizer"), ("unigram", "a Unigram tokenizer")])
+def test_tokenizers_of_other_kinds_are_refused_when_the_model_loads(tmp_path, style, what):
+    ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(tiny_llama(vocab_size=97).cfg),
+                             ck.llama_hf_tensors(tiny_llama(vocab_size=97)))
+    sentencepiece_style(tmp_path, style)
+    with pytest.raises(models.LoadError, match=f"is {what}.*only byte-level BPE tokenizers") as e:
+        models.load(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
+
+
+# ============================================================================ chat templates
+
+TEMPLATES = {  # shaped like SmolLM2's, Zephyr's and Mistral's; the last marks assistant text for training
+    "chatml": CHATML_TEMPLATE,
+    "zephyr": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] | trim + "
+               "eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                "(loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"),
+    "generation": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+                   "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+                   "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+}
+
+
+@pytest.fixture(scope="module")
+def templated(tmp_path_factory):
+    """name -> (our tokenizer, transformers') of a trained tokenizer with that chat template,
+    saved by transformers (which writes it to chat_template.jinja)."""
+    from transformers import AutoTokenizer
+
+    out = {}
+    for name, template in TEMPLATES.items():
+        path = save_trained(tmp_path_factory.mktemp(name), "bytelevel")
+        theirs = AutoTokenizer.from_pretrained(path)
+        theirs.chat_template = template
+        theirs.bos_token = "<|im_start|>"
+        theirs.save_pretrained(path)
+        out[name] = tok.from_hf_dir(path), AutoTokenizer.from_pretrained(path)
+    return out
+
+
+words = st.text(alphabet="ab 1\n", max_size=10)
+
+
+def alternating(n_min=1):
+    """user/assistant/... conversations (what every template above accepts), ending with a user turn."""
+    return st.lists(st.tuples(words, words), min_size=n_min, max_size=3).flatmap(lambda pairs: words.map(
+        lambda last: [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        + [{"role": "user", "content": last}]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(TEMPLATES)), msgs=alternating(), gen=st.booleans())
+def test_the_checkpoints_template_renders_as_transformers_does(templated, name, msgs, gen):
+    ours, theirs = templated[name]
+    if name == "mistral" and gen:
+        gen = False  # its template has no generation prompt: the prompt ends with [/INST]
+    text = theirs.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    assert ours.render(msgs, add_generation_prompt=gen) == text
+    assert ours.encode_chat(ours.render(msgs, gen)) == theirs(text, add_special_tokens=False)["input_ids"]
+    if gen:
+        assert ours.prompt(msgs[0]["content"]) == theirs.apply_chat_template(
+            msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_template_names_and_stop_tokens(templated):
+    ours, theirs = templated["mistral"]
+    assert ours.names == {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}
+    assert ours.stop[-1] == theirs.eos_token_id
+    with pytest.raises(ValueError, match="refused the messages: roles must alternate"):
+        ours.render([{"role": "assistant", "content": "hi"}])
+
+
+def test_without_jinja2_a_template_falls_back_to_chatml_or_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 now fails
+    monkeypatch.setattr(tok, "jinja_installed", lambda: False)
+    tok.compile_template.cache_clear()
+    tokens, types, merges = ck.byte_vocab()
+    chatml = gguf_fields(template=TEMPLATES["zephyr"])
+    chatml["tokenizer.ggml.tokens"] = tokens + ["<|im_start|>", "<|im_end|>"]
+    chatml["tokenizer.ggml.token_type"] = types + [3, 3]
+    assert tok.from_gguf(chatml).decode(tok.from_gguf(chatml).prompt("hi")) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")  # the built-in ChatML
+    with pytest.raises(ValueError, match="needs jinja2: pip install jinja2"):
+        tok.from_gguf(gguf_fields(template=TEMPLATES["zephyr"])).prompt("hi")  # no built-in format
+    tok.compile_template.cache_clear()
