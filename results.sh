@@ -9,8 +9,8 @@
 #   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after
 #
 # math reads $MATH_DATA: a directory in LLM-Adapters' layout (github.com/AGI-Edgerunners/LLM-Adapters),
-# train.json from its ft-training_set/math_data.json and test_<set>.json from its dataset/<set>/test.json:
-# python benchmarks.py math LLM-ADAPTERS-CLONE DIR builds it.
+# train.json its ft-training_set/math_data.json and test_<set>.json its dataset/<set>/test.json less
+# those training problems (the paper's 816): python benchmarks.py math LLM-ADAPTERS-CLONE DIR builds it.
 # A run that already has its summary.json is kept, so a stopped script picks up where it left off.
 # The flags here are each row's; the table's first column repeats those that differ from defaults.
 set -euo pipefail

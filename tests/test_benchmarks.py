@@ -287,17 +287,20 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, tiny_checkpoint):
 
 def llm_adapters_clone(root, old_layout=False):
     """A clone of LLM-Adapters in miniature: math_data.json and dataset/<Set>/test.json, records as
-    that repository writes them (answers as one-element lists, numbers as floats)."""
+    that repository writes them (answers as one-element lists, numbers as floats). As there, every
+    training problem is also a test problem, and a test set may hold a problem twice."""
     def rec(q, out, answer):
         return {"instruction": q, "input": "", "answer": [answer], "output": out}
 
-    train = [rec("Tom has 3 apples and buys 4. How many now?", "3 + 4 = 7. The answer is 7.", 7.0),
-             rec("Pick: (A) 1 (B) 2", "It is 2. The answer is (B).", "B"),
-             rec("  Janet's ducks lay 16 eggs.\nHow many   left? ", "The answer is 9.", 9.0)]  # a test question
+    tom = rec("Tom has 3 apples and buys 4. How many now?", "3 + 4 = 7. The answer is 7.", 7.0)
+    pick = rec("Pick: (A) 1 (B) 2", "It is 2. The answer is (B).", "B")
+    janet = rec("Janet's ducks lay 16 eggs. How many left?", "16 - 7 = 9. The answer is 9.", 9.0)
     tests = {folder: [rec(f"{folder} question {i}?", f"The answer is {i}.", float(i)) for i in range(2)]
              for folder in benchmarks.MATH_FOLDERS.values()}
-    tests["gsm8k"].append(rec("Janet's ducks lay 16 eggs. How many left?", "16 - 7 = 9. The answer is 9.", 9.0))
-    tests["AQuA"].append(rec("Choose: (A) x (B) y", "The answer is (A).", "B"))  # its output disagrees with the gold
+    tests["MultiArith"] += [tom, tom]  # twice in the test set, once in training: it stays once
+    tests["AQuA"] += [pick, rec("Choose: (A) x (B) y", "The answer is (A).", "B")]  # its output disagrees
+    tests["gsm8k"].insert(0, janet)
+    train = [tom, pick, {**janet, "instruction": "  janet's ducks lay 16 eggs.\nHow many   left? "}]  # spacing, case
     train_path = root / "math_data.json" if old_layout else root / "ft-training_set" / "math_data.json"
     train_path.parent.mkdir(parents=True)
     train_path.write_text(json.dumps(train, indent=4))
@@ -309,19 +312,23 @@ def llm_adapters_clone(root, old_layout=False):
 
 @pytest.mark.parametrize("old_layout", [False, True], ids=["ft-training_set", "top-level"])
 def test_math_split_builds_the_layout_train_and_eval_read(tmp_path, capsys, old_layout):
+    """train.json is math_data.json whole; each test set is its test.json less the training problems."""
     clone = llm_adapters_clone(tmp_path / "LLM-Adapters", old_layout)
     benchmarks.build_math(["math", str(clone), str(tmp_path / "math")])
     names = sorted(f.name for f in (tmp_path / "math").iterdir())
     assert names == sorted(["train.json", *(f"test_{s}.json" for s in benchmarks.MATH_FOLDERS)])
     (train,) = data.load_sets(tmp_path / "math", "train").values()
-    assert [ex.question for ex in train] == ["Tom has 3 apples and buys 4. How many now?", "Pick: (A) 1 (B) 2"]
+    assert [ex.question[:10] for ex in train] == ["Tom has 3 ", "Pick: (A) ", "  janet's "]
     tests = data.load_sets(tmp_path / "math", "test")
     assert list(tests) == data.MATH_SETS  # the paper's column order
-    assert [ex.answer for ex in tests["gsm8k"]] == ["0", "1", "9"]
-    assert tests["aqua"][-1].answer == "B"  # the gold letter, not the one its output names
-    assert "dropped 1 training problems" in capsys.readouterr().out
-    split, dropped = benchmarks.math_split(clone, keep_overlap=True)
-    assert dropped == 0 and len(split["train.json"]) == 3
+    assert [ex.answer for ex in tests["gsm8k"]] == ["0", "1"]
+    assert [ex.question for ex in tests["multiarith"]] == [
+        "MultiArith question 0?", "MultiArith question 1?", "Tom has 3 apples and buys 4. How many now?"]
+    assert [ex.answer for ex in tests["aqua"]] == ["0", "1", "B"]  # the gold letter, not the one its output names
+    assert "left out 3 test problems that are training problems" in capsys.readouterr().out
+    split, left_out = benchmarks.math_split(clone, keep_overlap=True)
+    assert left_out == 0 and len(split["train.json"]) == 3
+    assert [len(split[f"test_{s}.json"]) for s in ("gsm8k", "multiarith", "aqua")] == [3, 4, 4]
 
 
 def test_math_split_refuses_in_one_line_and_keeps_what_is_there(tmp_path):
