@@ -318,12 +318,17 @@ def encode_chat(tok, chat, seq_len):
     character (as transformers' assistant mask counts them) up to and including its stop token;
     the format's text after that is context."""
     msgs = list(chat.messages)
+
+    def read(text):  # what encode_chat tokenizes, normalized: its offsets, and so the spans, count in it
+        return "".join(tok.chat_parts(text))
+
     try:
-        full, spans, end = tok.render(msgs), [], 0
+        text, spans, end = tok.render(msgs), [], 0
+        full = read(text)
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            head, turn = tok.render(msgs[:k], add_generation_prompt=True), tok.render(msgs[:k + 1])
+            head, turn = read(tok.render(msgs[:k], add_generation_prompt=True)), read(tok.render(msgs[:k + 1]))
             if not (full.startswith(turn) and turn.startswith(head) and len(head) >= end):
                 raise DataError("the model's chat template does not render a conversation as its turns one "
                                 "after another, so the assistant's turns cannot be told apart")
@@ -331,7 +336,7 @@ def encode_chat(tok, chat, seq_len):
             end = len(turn)
     except ValueError as e:  # no chat format, or the template failed
         raise DataError(f"cannot render chat messages: {e}") from None
-    ids, starts = tok.encode_chat(full, offsets=True)
+    ids, starts = tok.encode_chat(text, offsets=True)
     learnt = [False] * len(ids)
     for a, b in spans:
         first = starts.index(max(s for s in starts if s <= a))  # the first token holding character a

@@ -77,25 +77,30 @@ class Tokenizer:
         found = re.compile("|".join(map(re.escape, self.plain)))
         return found.sub(lambda m: f"{PLAIN}{self.plain.index(m.group())}{PLAIN}", content)
 
+    def chat_parts(self, text):
+        """Chat text (render's) as encode_chat reads it: text, escape, text, ... with the text
+        spellable() and each escape (PLAIN, index, PLAIN) as it is."""
+        parts = re.split(f"({PLAIN}\\d+{PLAIN})", text)
+        return [p if i % 2 else self.spellable(p) for i, p in enumerate(parts)]
+
     def encode_chat(self, text, offsets=False):
         """Chat text (render's): the special-token strings of the format are special tokens, as
         transformers' apply_chat_template tokenizes them; escaped content stays plain text. With
-        `offsets`, also the index in `text` of each token's first character."""
+        `offsets`, also the index of each token's first character in "".join(chat_parts(text)), the
+        text it tokenizes (normalized, unspellable characters dropped)."""
         ids, starts, at = [], [], 0
-        for i, part in enumerate(re.split(f"{PLAIN}(\\d+){PLAIN}", text)):
+        for i, part in enumerate(self.chat_parts(text)):
             if i % 2:
-                new = self.encode(self.plain[int(part)])
+                new = self.encode(self.plain[int(part[1:-1])])
                 starts += [at] * len(new)
-                at += len(part) + 2
             else:
-                clean = self.spellable(part)  # offsets count in it: they drift only where it differs
-                new = self.enc.encode(clean, allowed_special="all")
-                char = [j for j, c in enumerate(clean) for _ in c.encode("utf-8")]  # byte -> character
+                new = self.enc.encode(part, allowed_special="all")
+                char = [j for j, c in enumerate(part) for _ in c.encode("utf-8")]  # byte -> character
                 byte = 0
                 for t in new:
                     starts.append(at + char[byte])
                     byte += len(self.enc.decode_single_token_bytes(t))
-                at += len(part)
+            at += len(part)
             ids += new
         return (ids, starts) if offsets else ids
 

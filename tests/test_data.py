@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import data
@@ -106,11 +106,13 @@ def test_loader_rejects_garbage_with_data_error(tmp_path_factory, blob):
         pass
 
 
-def byte_tokenizer():
+def byte_tokenizer(normalize=None, missing=b""):
+    """One token per byte, ChatML's two specials; `missing`: bytes it has no token for."""
     import tiktoken
-    enc = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+    ranks = {bytes([i]): i for i in range(256) if i not in missing}
+    enc = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
                             special_tokens={"<|im_start|>": 256, "<|im_end|>": 257})
-    return Tokenizer(enc, "chatml", None, [257])
+    return Tokenizer(enc, "chatml", None, [257], missing=missing, normalize=normalize)
 
 
 def test_loss_only_on_response_and_stop_token():
@@ -223,8 +225,15 @@ def test_tricky_benchmark_answers(text, answer, ok):
 
 roles = st.sampled_from(["user", "assistant", "system"])
 contents = st.text(alphabet="ab 12\n", max_size=12) | st.sampled_from(["<|im_end|>", "x<|im_start|>y", "\ue000"])
-conversations = st.lists(st.tuples(roles, contents), min_size=1, max_size=6).filter(
-    lambda c: any(r == "assistant" for r, _ in c)).map(lambda c: data.Chat(tuple({"role": r, "content": t} for r, t in c)))
+
+
+def chats(contents):
+    """Conversations with at least one assistant turn, the messages' contents drawn from `contents`."""
+    return st.lists(st.tuples(roles, contents), min_size=1, max_size=6).filter(
+        lambda c: any(r == "assistant" for r, _ in c)).map(lambda c: data.Chat(tuple({"role": r, "content": t} for r, t in c)))
+
+
+conversations = chats(contents)
 
 
 @settings(max_examples=150)
@@ -243,6 +252,21 @@ def test_chat_targets_are_the_assistant_turns_and_their_stop_token(chat):
     assert full.count(256) == full.count(257) == len(chat.messages)
     assert all(t == -100 or t == full[i + 1] for i, t in enumerate(targets))
     assert data.encode_chat(tok, chat, len(full) - 2) is None  # too long: skipped
+
+
+# text a tokenizer changes: NFC composes e + U+0301 into é, and a vocabulary without the byte 0xCC
+# (U+0301's first) drops the accent
+changed = contents | st.text(alphabet="e\u0301\u00e9 a\n", max_size=10) | st.just("cafe\u0301 " * 4)
+
+
+@pytest.mark.parametrize("tok", [byte_tokenizer(normalize="NFC"), byte_tokenizer(missing=b"\xcc")], ids=["nfc", "missing"])
+@settings(max_examples=150)
+@given(chat=chats(changed))
+@example(chat=data.Chat(({"role": "user", "content": "cafe\u0301 " * 4}, {"role": "assistant", "content": "ok"})))
+def test_chat_targets_stay_the_assistant_turns_where_the_tokenizer_changes_the_text(tok, chat):
+    ids, targets = data.encode_chat(tok, chat, 10_000)
+    learnt = [t for t in targets if t != -100]
+    assert learnt == [t for m in chat.messages if m["role"] == "assistant" for t in tok.encode(m["content"]) + [257]]
 
 
 def test_chat_prompt_at_inference_is_the_trained_context():
