@@ -8,6 +8,7 @@ transformers does (jinja2 imported only then), else a built-in ChatML or Llama-3
 Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
 and their ids follow merge order, so a token's id is its tiktoken rank.
 """
+import base64
 import datetime
 import functools
 import importlib.util
@@ -309,18 +310,23 @@ def from_hf_dir(path):
     return None
 
 
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA3_SPECIALS))]  # 3.1's
+
+
 def from_llama3_model(model_file, template=None, names=None):
-    """Llama 3's tokenizer.model: base64 token + rank per line, then 256 special tokens."""
+    """Llama 3's tokenizer.model: base64 token + rank per line, then 256 special tokens. Read here,
+    not with tiktoken.load, which caches a file by its path (a changed file would read stale)."""
     try:
-        ranks = tiktoken.load.load_tiktoken_bpe(str(model_file))
-    except Exception as e:
+        lines = Path(model_file).read_bytes().splitlines()
+        ranks = {base64.b64decode(token, validate=True): int(rank)
+                 for token, rank in (line.split() for line in lines if line)}
+    except ValueError:  # a line that is not "base64 rank" (binascii.Error is one too)
         raise ValueError(f"{model_file} is not a tiktoken BPE file (a SentencePiece model, as Llama 2 "
-                         "ships, cannot be read without the sentencepiece package)") from e
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(names))]  # Llama 3.1 names
-    specials = {t: len(ranks) + i for i, t in enumerate(names)}
+                         "ships, cannot be read without the sentencepiece package)") from None
+    specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
     return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
                                        special_tokens=specials), template, names)
 

@@ -164,6 +164,35 @@ def test_hf_dir_tokenizer_loads_with_the_model(tmp_path, kind):
     assert t.decode(t.encode(s)) == s
 
 
+@pytest.mark.parametrize("where", ["tokenizer.model", "original/tokenizer.model"])
+def test_llama3_tokenizer_model_loads_with_the_model(tmp_path, where):
+    """A Llama-3 checkpoint that ships only tokenizer.model (base64 token, rank per line) and a
+    tokenizer_config.json: the ranks, then Llama 3's 256 special tokens, its chat format and stops."""
+    import base64
+
+    tokens = [t for t in ck.byte_vocab()[0] if t not in ck.SPECIALS]
+    ranks = [bytes(BYTE_DEC[c] for c in t) for t in tokens]
+    model = tiny_llama(vocab_size=len(ranks) + 256)
+    ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(model.cfg), ck.llama_hf_tensors(model))
+    (tmp_path / where).parent.mkdir(exist_ok=True)
+    (tmp_path / where).write_text("".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(ranks)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}}))
+    _, t = models.load(tmp_path)
+    assert t.encode(" the") == [ranks.index(b" the")]
+    s = "Où est le café? 12 + 345 = 357\n\n<|eot_id|> 🙂"
+    assert t.decode(t.encode(s)) == s
+    eot, end = t.special("<|eot_id|>"), t.special("<|end_of_text|>")
+    assert (t.chat, t.stop, eot, t.names["eos_token"]) == ("llama3", [eot, end], len(ranks) + 9, "<|eot_id|>")
+    assert t.decode(t.prompt("hi")) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    (tmp_path / where).write_bytes(b"\n\x05\x00\xff\x12 protobuf\n")  # a SentencePiece model, as Llama 2 ships
+    with pytest.raises(models.LoadError, match="is not a tiktoken BPE file") as e:
+        models.load(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 # ============================================================================ the default model's
 
 @pytest.fixture(scope="module")
