@@ -43,6 +43,7 @@ class Tokenizer:
     missing: bytes = b""  # bytes the vocabulary has no token for (SmolLM2 lacks 21 of them)
     normalize: str | None = None  # the tokenizer.json's unicode normalization ("NFC" for Qwen2)
     template: str | None = None  # the checkpoint's own chat template (Jinja), rendered where jinja2 is
+    template_from: str = "the model's tokenizer"  # where it was read: errors name it
     names: dict = field(default_factory=dict)  # what templates read besides messages: bos_token, eos_token
 
     def spellable(self, text):
@@ -111,8 +112,7 @@ class Tokenizer:
         apply_chat_template renders it, else (no template, or no jinja2) the built-in format."""
         msgs = [{**m, "content": self.escape(m["content"])} for m in messages]
         if self.template and (jinja_installed() or self.chat is None):
-            return compile_template(self.template).render(
-                messages=msgs, add_generation_prompt=add_generation_prompt, **self.names)
+            return self.render_template(messages=msgs, add_generation_prompt=add_generation_prompt, **self.names)
         if self.chat == "chatml":
             if self.system and not (msgs and msgs[0]["role"] == "system"):
                 msgs = [{"role": "system", "content": self.system}, *msgs]
@@ -124,6 +124,19 @@ class Tokenizer:
             return "<|begin_of_text|>" + "".join(head(m["role"]) + m["content"] + "<|eot_id|>" for m in msgs) + (
                 head("assistant") if add_generation_prompt else "")
         raise ValueError("this model's tokenizer has no chat format: use --prompt alpaca, or plain text")
+
+    def render_template(self, **context):
+        """The checkpoint's template rendered; what fails in it (an undefined name, an operation the
+        sandbox forbids, a type error) is the template's fault, said in one sentence."""
+        template = compile_template(self.template)
+        import jinja2  # compile_template has imported it
+
+        try:
+            return template.render(**context)
+        except (jinja2.TemplateError, TypeError, ArithmeticError) as e:
+            reason = " ".join(str(e).split()).rstrip(".")
+            raise ValueError(f"the chat template in {self.template_from} failed on the messages "
+                             f"({type(e).__name__}: {reason})") from None
 
     def prompt(self, user):
         """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
@@ -265,28 +278,37 @@ def not_byte_level(tj):
 
 
 def hf_chat(path):
-    """(chat template or None, {bos_token, eos_token}) of a checkpoint directory: the template from
-    tokenizer_config.json (a string, or a list of named ones: "default") or chat_template.jinja,
-    where transformers 5 saves it."""
+    """(chat template or None, the file it is in, {bos_token, eos_token}) of a checkpoint directory:
+    the template from tokenizer_config.json (a string, or a list of named ones: "default") or
+    chat_template.jinja, where transformers 5 saves it."""
     config = {}
     if (path / "tokenizer_config.json").exists():
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    template = config.get("chat_template")
+    template, source = config.get("chat_template"), path / "tokenizer_config.json"
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str) and (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        source = path / "chat_template.jinja"
+        template = source.read_text(encoding="utf-8")
     names = {}
     for key in ("bos_token", "eos_token"):
         value = config.get(key)
         names[key] = value.get("content") if isinstance(value, dict) else value
-    return template if isinstance(template, str) else None, names
+    return template if isinstance(template, str) else None, source, names
 
 
 def from_hf_dir(path):
     """A tokenizer from a checkpoint directory, or None when it ships none we can read."""
     path = Path(path)
-    template, names = hf_chat(path)
+    template, source, names = hf_chat(path)
+    tok = from_hf_files(path, template, names)
+    if tok is not None:
+        tok.template_from = str(source)
+    return tok
+
+
+def from_hf_files(path, template, names):
+    """from_hf_dir's tokenizer, from whichever files the directory ships."""
     if (path / "tokenizer.json").exists():
         tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
         unreadable = not_byte_level(tj)

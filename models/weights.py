@@ -103,6 +103,8 @@ def read_gguf(path, dtype=torch.float32):
                 w = unpermute(w, cfg.n_kv_heads)
             sd[f"model.layers.{i}.{GGUF_NAMES[kind]}.weight"] = w
     tokenizer = tok.from_gguf(fields) if "tokenizer.ggml.tokens" in fields else None
+    if tokenizer is not None:
+        tokenizer.template_from = str(path)
     return cfg, sd, tokenizer
 
 

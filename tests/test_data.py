@@ -344,6 +344,23 @@ def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
     check()
 
 
+def test_train_py_on_a_template_that_fails_as_it_renders_says_so_in_one_line(tmp_path, tiny_checkpoint):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / "chat_template.jinja").write_text("{{ messages[0]['content'] + tools.name }}")
+    chat = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}] * 4)
+    r = subprocess.run([sys.executable, "train.py", "--model", str(model), "--data", str(chat), "--out",
+                        str(tmp_path / "run"), "--steps", "1"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"the chat template in {model / 'chat_template.jinja'} failed on the messages" in r.stderr
+
+
 def test_a_template_that_refuses_the_roles_is_a_data_error():
     tok = byte_tokenizer()
     tok.template = "{{ raise_exception('no system role') }}"

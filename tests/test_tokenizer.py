@@ -465,6 +465,24 @@ def test_template_names_and_stop_tokens(templated):
         ours.render([{"role": "assistant", "content": "hi"}])
 
 
+FAILING_TEMPLATES = {  # each compiles, then fails as it renders: jinja2's UndefinedError and SecurityError, a TypeError
+    "undefined": "{{ messages[0]['content'] + tools.name }}",
+    "sandbox": "{{ messages.append(messages[0]) }}",
+    "type": "{{ messages[0]['content'] + 1 }}",
+}
+
+
+@pytest.mark.parametrize("bad", sorted(FAILING_TEMPLATES))
+def test_a_template_that_fails_as_it_renders_is_one_sentence_naming_its_file(tmp_path, bad):
+    path = save_trained(tmp_path, "bytelevel")
+    (path / "chat_template.jinja").write_text(FAILING_TEMPLATES[bad])
+    ours = tok.from_hf_dir(path)
+    for render in (lambda: ours.prompt("hi"), lambda: ours.render([{"role": "user", "content": "hi"}])):
+        with pytest.raises(ValueError, match=f"chat template in {path / 'chat_template.jinja'} failed") as e:
+            render()
+        assert "\n" not in str(e.value)
+
+
 def test_without_jinja2_a_template_falls_back_to_chatml_or_says_what_to_install(monkeypatch):
     import sys
 
