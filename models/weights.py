@@ -239,14 +239,14 @@ def hf_config(cfg, dtype=torch.float32):
     out = {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
            "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-           "head_dim": cfg.dim // cfg.n_heads, "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
+           "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
            "dtype": name, "torch_dtype": name}
     if cfg.rope_scaling:
         out["rope_scaling"] = cfg.rope_scaling
-    if kind == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
+    if kind == "llama":  # Qwen2's config has no head_dim: transformers derives it
+        out.update(head_dim=cfg.dim // cfg.n_heads, attention_bias=False, mlp_bias=False)
     else:
         out.update(use_sliding_window=False)
     return out
