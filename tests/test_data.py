@@ -229,8 +229,8 @@ contents = st.text(alphabet="ab 12\n", max_size=12) | st.sampled_from(["<|im_end
 
 def chats(contents):
     """Conversations with at least one assistant turn, the messages' contents drawn from `contents`."""
-    return st.lists(st.tuples(roles, contents), min_size=1, max_size=6).filter(
-        lambda c: any(r == "assistant" for r, _ in c)).map(lambda c: data.Chat(tuple({"role": r, "content": t} for r, t in c)))
+    return st.lists(st.tuples(roles, contents), min_size=1, max_size=6).filter(lambda c: any(
+        r == "assistant" for r, _ in c)).map(lambda c: data.Chat(tuple({"role": r, "content": t} for r, t in c)))
 
 
 conversations = chats(contents)
@@ -259,7 +259,8 @@ def test_chat_targets_are_the_assistant_turns_and_their_stop_token(chat):
 changed = contents | st.text(alphabet="e\u0301\u00e9 a\n", max_size=10) | st.just("cafe\u0301 " * 4)
 
 
-@pytest.mark.parametrize("tok", [byte_tokenizer(normalize="NFC"), byte_tokenizer(missing=b"\xcc")], ids=["nfc", "missing"])
+@pytest.mark.parametrize("tok", [byte_tokenizer(normalize="NFC"), byte_tokenizer(missing=b"\xcc")],
+                         ids=["nfc", "missing"])
 @settings(max_examples=150)
 @given(chat=chats(changed))
 @example(chat=data.Chat(({"role": "user", "content": "cafe\u0301 " * 4}, {"role": "assistant", "content": "ok"})))

@@ -105,8 +105,8 @@ def test_gpt2_saved_by_transformers_gives_its_logits(tmp_path):
 
 # what export adds to what transformers 5 writes: transformers 4's keys (θ, RoPE scaling, the dtype's
 # old name) and GPT-2's n_ctx, which older readers take the context length from
-TRANSFORMERS4 = {"llama-gqa": {"rope_theta", "torch_dtype"}, "llama3.1-scaling": {"rope_theta", "rope_scaling", "torch_dtype"},
-                 "qwen2": {"rope_theta", "torch_dtype"}, "gpt2": {"n_ctx", "torch_dtype"}}
+TRANSFORMERS4 = {"llama-gqa": {"rope_theta", "torch_dtype"}, "qwen2": {"rope_theta", "torch_dtype"},
+                 "llama3.1-scaling": {"rope_theta", "rope_scaling", "torch_dtype"}, "gpt2": {"n_ctx", "torch_dtype"}}
 
 
 @pytest.mark.parametrize("kind", sorted(TRANSFORMERS4))
