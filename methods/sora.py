@@ -32,6 +32,9 @@ Where this file departs from the paper or the reference code, and why:
   small, not the unimportant ones. Measured with planted.py (ranks
   0,0,1,2,4,4,8,8 needed): lam 2 at the model's lr closed 5% of the ranks, ρ 0.84 with the planted
   ranks; gate_lr 0.03, lam 0.8 closed 30%, ρ 0.95, loss 0.66x LoRA r=8's (lam 0.5: 25%, ρ 0.88).
+  On the built-in task (150 steps, every module needing some rank) the same defaults close 64% of
+  the ranks and cost accuracy: 59.2% ± 0.4 against LoRA r=16's 67.0% (bf16, 2 seeds). Where every
+  module matters, a lower gate_lr or lam closes fewer.
 - alpha = 32 so the scale alpha / rmax is 2 at the default rmax = 16: the reference's scale (16 / 8) and
   this library's LoRA default (16 / 8). The scale stays alpha / rmax after pruning.
 - Gates N(0, 1) as in the reference (gate_init="ones" is the alternative). B = 0 keeps ΔW = 0 at
