@@ -147,7 +147,7 @@ def load_examples(path):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             records = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a list of records")
@@ -228,11 +228,12 @@ def prompt(tok, ex, style="chat"):
 
 def encode(tok, ex, seq_len, style="chat"):
     """(ids, targets): the prompt then the response; targets are -100 except on the response
-    tokens and the closing stop token, which the model must learn to emit."""
+    tokens and the closing stop token, which the model must learn to emit. None for an example
+    longer than seq_len, or one with nothing to learn (an empty response and no stop token)."""
     head = prompt(tok, ex, style)
     response = tok.encode(ex.response) + tok.stop[:1]
     ids = head + response
-    if len(ids) > seq_len + 1:
+    if len(ids) > seq_len + 1 or not response:
         return None
     return ids[:-1], [-100] * (len(head) - 1) + response
 
@@ -240,7 +241,8 @@ def encode(tok, ex, seq_len, style="chat"):
 def encode_all(tok, examples, seq_len, style="chat"):
     encoded = [e for e in (encode(tok, ex, seq_len, style) for ex in examples) if e is not None]
     if not encoded:
-        raise DataError(f"no example fits --seq-len {seq_len}: raise it")
+        raise DataError(f"no example fits --seq-len {seq_len} with a response to learn: raise it, "
+                        "or give the examples an output")
     return encoded
 
 
