@@ -61,6 +61,8 @@ def parse_args(argv):
                              "give at least one and leave out --text and --task shakespeare")
         plots.pyplot()  # a missing matplotlib fails before the model loads
     cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit")
+    if args.json:
+        cli.writable(args.json, "--json")  # before the evaluation, not after it
     configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
