@@ -124,16 +124,6 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def hash32(h):
-    """A 32-bit integer hash of each entry of an int64 tensor (murmur3's finaliser; its multipliers
-    are below 2**31, so no product overflows int64 on any device)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    h = (h * 0x1B873593) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
 def dropout(x, p, training):
     """nn.Dropout's output, with a mask that does not depend on who computes it: each entry's is a
     hash of (one seed drawn from torch's RNG per call, the example's row in the global batch, the
@@ -147,9 +137,14 @@ def dropout(x, p, training):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     seed = int(torch.randint(2**31 - 1, ()))
     rows = torch.arange(x.shape[0], device=x.device) * world + rank
-    row_key = hash32(hash32(rows + seed)).view(-1, *[1] * (x.dim() - 1))
-    place = torch.arange(x[0].numel(), device=x.device).view(x.shape[1:])
-    return x * (hash32(row_key ^ place) >= int(p * 2**32)) / (1 - p)
+    row_key = ((rows * 0x7FEB352D + seed) & 0xFFFFFFFF).view(-1, *[1] * (x.dim() - 1))
+    h = torch.arange(x[0].numel(), device=x.device).view(x.shape[1:]) ^ row_key
+    # a 32-bit multiply-xorshift hash, in place; its multipliers are below 2**31, so no product
+    # overflows int64 on any device
+    h.mul_(0x7FEB352D).bitwise_and_(0xFFFFFFFF)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(0x1B873593).bitwise_and_(0xFFFFFFFF)
+    return x * (h >= int(p * 2**32)) / (1 - p)
 
 
 def is_conv1d(layer):
