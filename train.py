@@ -15,10 +15,13 @@ stays the global batch; each process takes its share of every micro-batch, the a
 (and nothing else) are summed across processes, and process 0 alone writes files and progress.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import typing
@@ -97,10 +100,27 @@ def parse_args(argv):
     cli.positive(args, "steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size", "lr", "limit")
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
+    cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
+    check_device(args.device)
     args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
     args.out = Path(args.out or f"out/{args.method}")
+    if args.model and Path(args.model).exists() and cli.overlaps(args.out, args.model):
+        raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
+                         "writes into a model's directory")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     return args, method, method.Config(**cfg_kwargs)
+
+
+def check_device(name):
+    """Refuse a --device that torch does not know, or that this machine does not have."""
+    if name is None:
+        return
+    try:
+        usable = torch.device(name).type != "meta" and torch.empty(0, device=name) is not None
+    except (RuntimeError, AssertionError):
+        usable = False
+    if not usable:
+        raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
 NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}
@@ -170,10 +190,15 @@ def method_state(model, base_buffers):
             if k not in base_buffers and k not in adapter}
 
 
+# what save_checkpoint writes (besides cuda_rng and scaler, which depend on the hardware) -> its type
+CHECKPOINT = {"adapter": dict, "method_state": dict, "optimizer": dict, "scheduler": dict, "step": int,
+              "rng": torch.Tensor, "train_args": dict, "model_config": dict}
+
+
 def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args, scaler=None):
     state = {"adapter": methods.adapter_state(model), "method_state": method_state(model, base_buffers),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "train_args": run_args}
+             "rng": torch.get_rng_state(), "train_args": run_args, "model_config": dataclasses.asdict(model.cfg)}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     if scaler:
@@ -181,43 +206,145 @@ def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args, scale
     methods.atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path, model, opt, sched, run_args, scaler=None):
-    """Restore everything save_checkpoint wrote; returns the step it was taken after."""
+def load_checkpoint(path, model, opt, sched, run_args, base_buffers, scaler=None):
+    """Restore everything save_checkpoint wrote, once it is checked to be what this run would have
+    written: its keys and types, its flags, its model, the adapter's tensors and the method's own
+    buffers (no others: a base weight is never written from a checkpoint). Returns its step."""
     try:
         state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
-        saved_args = state["train_args"]
+        wrong = sorted(k for k, kind in CHECKPOINT.items() if not isinstance(state.get(k), kind))
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}): delete it to start over") from None
+    if wrong or not 0 < state["step"] < run_args["steps"]:
+        raise ValueError(f"{path} is not a checkpoint of this run ({', '.join(wrong) or 'step'} missing or "
+                         "wrong): delete it to start over")
+    saved_args = state["train_args"]
     changed = sorted(k for k in run_args.keys() | saved_args.keys() if run_args.get(k) != saved_args.get(k))
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): "
                          "resume with the same flags or choose another --out")
-    methods.resize_to(model, state["adapter"])  # ALoRA's ranks may have moved between modules
-    model.load_state_dict(state["adapter"], strict=False)
-    for k, v in state["method_state"].items():
-        mod, _, attr = k.rpartition(".")
-        getattr(model.get_submodule(mod), attr).copy_(v)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if scaler and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
+    if state["model_config"] != dataclasses.asdict(model.cfg):
+        raise ValueError(f"{path} was written for another model than {run_args['model'] or 'the default'}: "
+                         "resume with the model the run started with")
+    methods.check_tensors(state["adapter"], methods.adapter_state(model), f"{path} (adapter)")
+    methods.check_tensors(state["method_state"], method_state(model, base_buffers), f"{path} (method state)")
+    try:
+        model.load_state_dict(state["adapter"], strict=False)
+        for k, v in state["method_state"].items():
+            mod, _, attr = k.rpartition(".")
+            getattr(model.get_submodule(mod), attr).copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if scaler and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+    except Exception as e:  # checked above as far as a file can be; what is left is the optimizer's to judge
+        raise ValueError(f"{path} does not fit this run ({type(e).__name__}): delete it to start over") from None
     return state["step"]
 
 
 def trim_log(path, step):
-    """Drop log records after `step`: a killed run may have logged steps the checkpoint does not hold."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        methods.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
+    """Drop log records after `step`: a killed run may have logged steps the checkpoint does not
+    hold, and a partial last line (the disk filled, or the run died mid-write) goes with a note."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line]
+    steps = [log_step(line) for line in lines]
+    if steps and steps[-1] is None:
+        print(f"note: {path} ended in a partial line; dropped it")
+        lines, steps = lines[:-1], steps[:-1]
+    if None in steps:
+        raise ValueError(f"{path} line {steps.index(None) + 1} is not a log record: repair or delete the file")
+    keep = [line for line, s in zip(lines, steps) if s <= step]
+    methods.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
+
+
+def log_step(line):
+    """The step of a log.jsonl record, or None where the line is not one."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return step if type(step) is int else None
 
 
 def resume_args(args):
     """The flags a resumed run must share with the run it continues."""
     skip = {"resume", "out", "log_every", "save_every", "device"}
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+RUN_FILES = ("adapter.safetensors", "config.json", "log.jsonl", "summary.json", "checkpoint.pt")
+
+
+@contextlib.contextmanager
+def hold(out):
+    """This process's claim on --out for as long as the run lasts: an exclusive flock on the
+    directory itself (the kernel drops it when the process dies, so a killed run leaves no stale
+    lock). A directory made here for a run that then wrote nothing is removed again."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another run is writing into {out}: wait for it to end, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+
+
+def check_out(args):
+    """Refuse an --out that is not this run's to write: it must be empty, or hold this run unfinished
+    (a checkpoint, or the files of a run stopped before its first one) and --resume be given.
+    Returns the summary of a finished run that --resume finds, else None."""
+    out = args.out
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    names -= {n for n in names if n.endswith(".tmp") and n.startswith(RUN_FILES)}  # atomic_write's, left by a kill
+    if not names:
+        return None
+    foreign = sorted(names - set(RUN_FILES))
+    if foreign:
+        raise ValueError(f"--out {out} holds files that are not a train.py run's ({', '.join(foreign[:3])}): "
+                         "choose an empty or new directory")
+    if "checkpoint.pt" in names:
+        if not args.resume:
+            raise ValueError(f"{out / 'checkpoint.pt'} holds an unfinished run: add --resume to continue it, "
+                             "or choose another --out")
+        return None  # load_checkpoint checks its flags
+    if "summary.json" in names:
+        if not args.resume:
+            raise ValueError(f"{out} holds a finished run: choose another --out (or delete it to train again)")
+        return read_summary(out / "summary.json")
+    if not args.resume:
+        raise ValueError(f"{out} holds a run that stopped before its first checkpoint: add --resume to "
+                         "start it over, or choose another --out")
+    return None
+
+
+def read_summary(path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): repair or delete it") from None
+
+
+def interrupted(argv=None):
+    """Ctrl-C's one line: the command that continues the run (from its last checkpoint, if any)."""
+    argv = sys.argv[1:] if argv is None else argv
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    resume = [] if "--resume" in argv else ["--resume"]
+    return f"interrupted: continue with `{launch} train.py {shlex.join([*argv, *resume])}`"
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -348,7 +475,20 @@ def next_commands(args):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    """The run, with --out held by process 0 from the first check of what it holds to the last write
+    (every process checks: they all see the same files, and none has written yet)."""
     args, method, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    first = int(os.environ.get("RANK", 0)) == 0
+    with hold(args.out) if first else contextlib.nullcontext():
+        finished = check_out(args)
+        if finished is None:
+            return train(args, method, cfg)
+        if first:
+            print(f"{args.out} holds a finished run: nothing to resume")
+        return finished
+
+
+def train(args, method, cfg):
     rank, world, device = init_distributed(args.device)
     if (args.batch_size // args.grad_accum) % world:
         raise ValueError(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} examples per "
@@ -363,11 +503,6 @@ def main(argv=None):
         dtype = models.DTYPES[args.dtype]
     say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
     ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
-    if ckpt.exists() and not args.resume:
-        raise ValueError(f"{ckpt} holds an unfinished run: add --resume to continue it, or choose another --out")
-    if args.resume and not ckpt.exists() and (args.out / "summary.json").exists():
-        say(f"{args.out} holds a finished run: nothing to resume")
-        return json.loads((args.out / "summary.json").read_text())
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = models.load(args.model, dtype)
@@ -391,7 +526,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     val_loss = val_closure(model, val_batch)
-    start = load_checkpoint(ckpt, model, opt, sched, run_args, scaler) if args.resume and ckpt.exists() else 0
+    start = load_checkpoint(ckpt, model, opt, sched, run_args, base_buffers, scaler) if args.resume and ckpt.exists() else 0
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
@@ -453,4 +588,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, interrupted)

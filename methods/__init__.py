@@ -13,16 +13,24 @@ import math
 import os
 import re
 import tempfile
+import types
 import typing
 from pathlib import Path
 
 import torch
 
+import data
+
 NAMES = ("lora", "sara", "mosara", "sora", "adalora", "alora", "salora")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 # PEFT LoRA options that change the forward beyond B A x; such adapters are refused
-PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocation_tokens", "modules_to_save")
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocation_tokens", "modules_to_save",
+                    "exclude_modules", "target_parameters")
+# Config fields that size the tensors apply() allocates: bounded by the tensors a file holds first
+SIZE_FIELDS = ("r", "rmax", "init_r", "heads")
+# recorded train.py metadata (config.json) that eval.py and plots.py read: name -> the types it may have
+META_TYPES = {"base_model": str, "model_config": dict, "train_args": dict, "recipe": str}
 
 
 class AdapterError(Exception):
@@ -36,15 +44,43 @@ def get(name):
 
 
 def config_from_dict(method, d):
-    """A method's Config from JSON values (lists back to tuples where the field is a tuple)."""
+    """A method's Config from JSON values (lists back to tuples where the field is a tuple); a value
+    not of its field's type (a string rank, a NaN alpha, a bool where a number goes) is refused."""
     cls = method.Config
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in d:
             v = d[f.name]
+            if not fits(v, hints[f.name]):
+                raise TypeError(f"{f.name} = {v!r} is not a {hints[f.name]}")
             kwargs[f.name] = tuple(v) if typing.get_origin(hints[f.name]) is tuple else v
     return cls(**kwargs)
+
+
+def fits(value, hint):
+    """Whether a JSON value is of a Config annotation: int, float (finite), bool, str,
+    tuple[str, ...], or `X | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if hint is float:
+        return _number(value)
+    if hint is int:
+        return _count(value)
+    return isinstance(value, hint)
+
+
+def _number(v):
+    """A finite JSON number (JSON's true and false are Python ints: not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v, least=-math.inf):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def adapter_state(model):
@@ -89,6 +125,8 @@ def save_adapter(model, out_dir, method_name, cfg, **info):
 
 
 def read_config(adapter_dir):
+    """config.json's content, its recorded fields of the types their readers expect (a prompt
+    train.py knows, a dict of train arguments ...), or a PEFT adapter's config as the same."""
     path = Path(adapter_dir) / "config.json"
     if not path.exists() and (Path(adapter_dir) / PEFT_CONFIG).exists():
         return read_peft_config(adapter_dir)
@@ -97,8 +135,13 @@ def read_config(adapter_dir):
         meta["method"], meta["config"]
     except FileNotFoundError:
         raise AdapterError(f"{path} does not exist: not an adapter directory") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise AdapterError(f"{path} is not an adapter config ({e})") from None
+    wrong = [k for k, kind in META_TYPES.items() if k in meta and not isinstance(meta[k], kind)]
+    prompt = meta.get("train_args", {}).get("prompt") if not wrong else None
+    if not isinstance(meta["config"], dict) or wrong or prompt not in (None, *data.PROMPTS):
+        raise AdapterError(f"{path} is not an adapter config ({', '.join(wrong) or 'config or prompt'} "
+                           "of the wrong type)")
     return meta
 
 
@@ -113,21 +156,22 @@ def load_adapter(model, adapter_dir):
     if "peft" in meta:
         return load_peft(model, adapter_dir, meta["peft"]), meta
     same_model(model, adapter_dir, meta)
+    path = Path(adapter_dir) / "adapter.safetensors"
+    try:
+        saved = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"cannot read {path}: {e}") from None
     try:
         method = get(meta["method"])
-        method.apply(model, config_from_dict(method, meta["config"]))
+        cfg = config_from_dict(method, meta["config"])
+        largest = max((n for t in saved.values() for n in t.shape), default=0)
+        for name in SIZE_FIELDS:  # before apply() allocates what the config asks for
+            if getattr(cfg, name, 0) > largest:
+                raise ValueError(f"{name} = {getattr(cfg, name)} is larger than any tensor of {path.name}")
+        method.apply(model, cfg)
     except (ValueError, TypeError) as e:
         raise AdapterError(f"{adapter_dir}/config.json: {e}") from None
-    try:
-        saved = load_file(Path(adapter_dir) / "adapter.safetensors")
-    except (OSError, SafetensorError) as e:
-        raise AdapterError(f"cannot read {adapter_dir}/adapter.safetensors: {e}") from None
-    own = adapter_state(model)
-    if saved.keys() != own.keys():
-        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-        raise AdapterError(f"{adapter_dir}/adapter.safetensors does not fit the {meta['method']} "
-                           f"adapter (missing {missing[:3]}, unexpected {extra[:3]})")
-    resize_to(model, saved)
+    check_tensors(saved, adapter_state(model), path)
     model.load_state_dict(saved, strict=False)
     return model, meta
 
@@ -159,48 +203,133 @@ def same_model(model, adapter_dir, meta):
                            f"({'; '.join(differ[:3])}): pass that model as --model")
 
 
-def resize_to(model, saved):
-    """Give adapter tensors the saved shapes: ALoRA, for one, grows and shrinks ranks per module."""
-    for key, tensor in saved.items():
-        mod_name, _, attr = key.rpartition(".")
-        mod = model.get_submodule(mod_name)
-        cur = getattr(mod, attr)
-        if cur.shape == tensor.shape:
-            continue
-        new = torch.empty(tensor.shape, dtype=cur.dtype, device=cur.device)
-        if isinstance(cur, torch.nn.Parameter):
-            setattr(mod, attr, torch.nn.Parameter(new, requires_grad=cur.requires_grad))
-        else:
-            setattr(mod, attr, new)
+def check_tensors(saved, own, where):
+    """Refuse saved adapter tensors that are not exactly the ones apply() made for this model and
+    Config (`own`): the same names and shapes (a rank-8 tensor under `r: 4` would double ΔW, a 1-D
+    lora_A would broadcast), and finite."""
+    if saved.keys() != own.keys():
+        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        raise AdapterError(f"{where} does not fit the adapter this config makes for this model "
+                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for key in sorted(own):
+        t = saved[key]
+        if not isinstance(t, torch.Tensor) or t.shape != own[key].shape:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise AdapterError(f"{where}: {key} is {shape} where this model and config make "
+                               f"{list(own[key].shape)}")
+        if t.is_floating_point() and not t.isfinite().all():
+            raise AdapterError(f"{where}: {key} holds NaN or inf")
 
 
 # ----------------------------------------------------------------------------- PEFT LoRA adapters
 
 def read_peft_config(adapter_dir):
-    """A PEFT adapter_config.json as this library's adapter metadata: method lora."""
+    """A PEFT adapter_config.json as this library's adapter metadata: method lora. Every field used
+    is of the type and range PEFT gives it, and every pattern compiles and matches in bounded time."""
     path = Path(adapter_dir) / PEFT_CONFIG
     try:
         c = json.loads(path.read_text())
         kind = c.get("peft_type")
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, RecursionError) as e:
         raise AdapterError(f"{path} is not a PEFT adapter config ({e})") from None
     if kind != "LORA":
         raise AdapterError(f"{path}: peft_type {kind!r} cannot be loaded (only LORA)")
     used = [k for k in PEFT_UNSUPPORTED if c.get(k)] + (["bias"] if c.get("bias", "none") != "none" else [])
     if used:
         raise AdapterError(f"{path} uses {', '.join(used)}: only plain LoRA adapters can be loaded")
+    wrong = [k for k, ok in PEFT_FIELDS.items() if k in c and not ok(c[k])]
+    if wrong:
+        raise AdapterError(f"{path}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of "
+                           "the type and range PEFT gives them")
+    for pattern in peft_patterns(c):
+        check_pattern(pattern, path)
     return {"method": "lora", "config": {"dropout": c.get("lora_dropout", 0.0)}, "peft": c,
             "base_model": c.get("base_model_name_or_path")}
 
 
+def _names(v):
+    return v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# the adapter_config.json fields this loader reads -> whether a value is one PEFT could have written
+PEFT_FIELDS = {
+    "r": lambda v: _count(v, 1), "lora_alpha": _number, "lora_dropout": lambda v: _number(v) and 0 <= v < 1,
+    "use_rslora": lambda v: isinstance(v, bool), "fan_in_fan_out": lambda v: isinstance(v, bool),
+    "alpha_pattern": lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values())),
+    "rank_pattern": lambda v: v is None or isinstance(v, dict) and all(_count(r, 1) for r in v.values()),
+    "target_modules": _names, "layers_pattern": _names,
+    "layers_to_transform": lambda v: v is None or _count(v, 0) or isinstance(v, list) and all(_count(i, 0) for i in v),
+}
+REPEATS = (re._constants.MAX_REPEAT, re._constants.MIN_REPEAT, re._constants.POSSESSIVE_REPEAT)
+ONE_CHARACTER = (re._constants.LITERAL, re._constants.NOT_LITERAL, re._constants.ANY, re._constants.IN)
+
+
+def peft_patterns(c):
+    """The regular expressions of a PEFT config: target_modules as a string, the keys of
+    alpha_pattern and rank_pattern, layers_pattern."""
+    layers = c.get("layers_pattern")
+    return ([c["target_modules"]] if isinstance(c.get("target_modules"), str) else []) + \
+        list(c.get("alpha_pattern") or {}) + list(c.get("rank_pattern") or {}) + \
+        ([layers] if isinstance(layers, str) else layers or [])
+
+
+def check_pattern(pattern, path):
+    """Refuse a regular expression that does not compile, or whose match could take exponential
+    time on a module name (Python's re backtracks): at most 4 repetitions, each of one character
+    (`.*`, `[0-9]+`, `\\d+`), and nothing but groups, alternatives and anchors around them."""
+    try:
+        parsed = re._parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{path}: the pattern {pattern!r} is not a regular expression ({e})") from None
+    todo, repeats = [parsed], 0
+    while todo:
+        for op, av in todo.pop():
+            if op in REPEATS:
+                repeats += 1
+                ok = len(av[2]) == 1 and av[2][0][0] in ONE_CHARACTER
+            elif op is re._constants.SUBPATTERN:
+                todo.append(av[3])
+                ok = True
+            elif op is re._constants.BRANCH:
+                todo.extend(av[1])
+                ok = True
+            else:
+                ok = op in (*ONE_CHARACTER, re._constants.AT)
+            if not ok or repeats > 4:
+                raise AdapterError(f"{path}: the pattern {pattern!r} is too complex to match safely "
+                                   "(at most 4 repetitions, each of one character: .* [0-9]+ \\d+)")
+
+
+def peft_key(patterns, name):
+    """The key of `patterns` (alpha_pattern, rank_pattern) that PEFT's get_pattern_key picks for
+    module `name`: the first that ends the name at a dot boundary; None where none does."""
+    return next((key for key in patterns or {} if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def peft_targets(c, name):
+    """Whether PEFT puts a LoRA on module `name` (its check_target_module_exists): target_modules
+    as a full-match regex, or as names that end the module's name, then layers_to_transform."""
+    targets = c.get("target_modules")
+    if targets is None:  # PEFT's defaults for the model type: the file's tensors name them
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if not (name in targets or any(name.endswith("." + t) for t in targets)):
+        return False
+    layers = c.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = c.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] if patterns else [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    found = next((m for regex in regexes if (m := re.match(regex, name))), None)
+    return found is not None and int(found["idx"]) in ([layers] if isinstance(layers, int) else layers)
+
+
 def peft_scale(c, name, r):
-    """PEFT's scaling of module `name`: alpha / r (alpha / √r with rsLoRA), alpha_pattern first.
-    The pattern match is PEFT's own (`get_pattern_key`): the key ends the name at a dot boundary."""
-    alpha = c.get("lora_alpha", 8)
-    for key, a in (c.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            alpha = a
-            break
+    """PEFT's scaling of module `name`: alpha / r (alpha / √r with rsLoRA), alpha_pattern first."""
+    key = peft_key(c.get("alpha_pattern"), name)
+    alpha = c.get("lora_alpha", 8) if key is None else c["alpha_pattern"][key]
     return alpha / (math.sqrt(r) if c.get("use_rslora") else r)
 
 
@@ -222,12 +351,22 @@ def peft_factors(adapter_dir, c):
         m = PEFT_KEY.fullmatch(key)
         if m is None:
             raise AdapterError(f"{path} holds {key}: only LoRA A/B weights can be loaded")
+        if t.dim() != 2 or not t.isfinite().all():
+            raise AdapterError(f"{path}: {key} is not a finite matrix")
         pairs.setdefault(m[1], {})[m[2]] = t.float()
     factors = {}
     for name, ab in pairs.items():
         if ab.keys() != {"A", "B"}:
             raise AdapterError(f"{path} has lora_{next(iter(ab))} for {name} but not its pair")
-        factors[name] = (ab["A"], peft_scale(c, name, ab["A"].shape[0]) * ab["B"])
+        if not peft_targets(c, name):
+            raise AdapterError(f"{path} holds a LoRA for {name}, which target_modules / layers_to_transform "
+                               "leave out: PEFT would not load it")
+        key = peft_key(c.get("rank_pattern"), name)
+        r = c.get("r", 8) if key is None else c["rank_pattern"][key]
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise AdapterError(f"{path}: the LoRA of {name} has ranks {ab['A'].shape[0]} (A) and "
+                               f"{ab['B'].shape[1]} (B) where its config gives {r}")
+        factors[name] = (ab["A"], peft_scale(c, name, r) * ab["B"])
     return our_lora(factors)
 
 

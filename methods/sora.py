@@ -119,12 +119,26 @@ def soft_threshold(g, xi):
 
 
 def dropout(x, p, training):
-    """nn.Dropout's output, but what backward keeps of it is a bool mask (1 byte an entry) where
-    nn.Dropout keeps its float noise (4 bytes): ~100 MB less per step at batch 8 x 128 tokens on the
-    default model (bench.py), and the uniform draw is cheaper than a Bernoulli one on a CPU."""
+    """nn.Dropout's output, with a mask that does not depend on who computes it: each entry's is a
+    hash of (one seed drawn from torch's RNG per call, the example's row in the global batch, the
+    entry's place in the example). So N data-parallel processes (torch.distributed: process r of N
+    holds rows r, r + N, ... of the batch, as train.py splits it) drop what one process drops, every
+    process's RNG stays in step (a resume restores any one's), and trimming padding columns changes
+    no other entry. Backward keeps a bool mask (1 byte an entry) where nn.Dropout keeps 4 bytes."""
     if not training or p == 0:
         return x
-    return x * (torch.rand_like(x) >= p) / (1 - p)
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    seed = int(torch.randint(2**31 - 1, ()))
+    rows = torch.arange(x.shape[0], device=x.device) * world + rank
+    row_key = ((rows * 0x7FEB352D + seed) & 0xFFFFFFFF).view(-1, *[1] * (x.dim() - 1))
+    h = torch.arange(x[0].numel(), device=x.device).view(x.shape[1:]) ^ row_key
+    # a 32-bit multiply-xorshift hash, in place; its multipliers are below 2**31, so no product
+    # overflows int64 on any device
+    h.mul_(0x7FEB352D).bitwise_and_(0xFFFFFFFF)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(0x1B873593).bitwise_and_(0xFFFFFFFF)
+    return x * (h >= int(p * 2**32)) / (1 - p)
 
 
 def is_conv1d(layer):

