@@ -265,10 +265,9 @@ def check_step(step, total_steps):
 def param_groups(model, lr, weight_decay):
     """A and B as in LoRA; the gates in a group of their own, at gate_lr (None: lr) on the same
     schedule, without weight decay (only the ℓ1 prox)."""
-    config(model)
-    ls = layers(model).values()
+    cfg, ls = config(model), layers(model).values()
     return [{"params": [p for m in ls for p in (m.lora_A, m.lora_B)], "lr": lr, "weight_decay": weight_decay},
-            {"params": [m.lora_gate for m in ls], "lr": config(model).gate_lr or lr, "weight_decay": 0.0}]
+            {"params": [m.lora_gate for m in ls], "lr": cfg.gate_lr or lr, "weight_decay": 0.0}]
 
 
 def extra_loss(model):

@@ -89,3 +89,21 @@ def drive(method, model, steps=3, lr=1e-2, seed=0):
         figures.append(train.train_step(model, method, opt, sched, [(x[:, :-1], x[:, 1:])], step, steps)[1])
     model.eval()
     return figures
+
+
+def interrupt_lora_run(monkeypatch, argv, step):
+    """train.main(argv) for a LoRA run stopped by a KeyboardInterrupt at `step` (in after_step,
+    before that step's checkpoint), as a Ctrl-C would stop it."""
+    import methods
+    import train
+    lora = methods.get("lora")
+    real = lora.after_step
+
+    def stop(model, opt, at, total, **kw):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(model, opt, at, total, **kw)
+    monkeypatch.setattr(lora, "after_step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(lora, "after_step", real)

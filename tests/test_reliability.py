@@ -19,6 +19,7 @@ import eval as evaluate
 import methods
 import models
 import train
+from conftest import interrupt_lora_run
 from test_models import _Exploit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +112,7 @@ def test_a_fresh_run_refuses_to_overwrite_an_unfinished_one(tmp_path, tiny_check
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
     args = ["--method", "lora", "--model", str(tiny_checkpoint), *FAST, "--steps", "8", "--save-every", "2",
             "--out", str(tmp_path / "run")]
-    lora, real = methods.get("lora"), methods.get("lora").after_step
-    monkeypatch.setattr(lora, "after_step", lambda m, o, step, t, **kw: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if step == 5 else real(m, o, step, t, **kw))
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    monkeypatch.setattr(lora, "after_step", real)
+    interrupt_lora_run(monkeypatch, args, 5)
     with pytest.raises(ValueError, match="lr"):
         train.main([*args, "--resume", "--lr", "5e-4"])
 

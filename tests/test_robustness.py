@@ -27,6 +27,7 @@ import export
 import methods
 import models
 import train
+from conftest import interrupt_lora_run
 from test_reliability import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
 
 
@@ -100,12 +101,7 @@ def test_an_out_that_is_not_this_runs_is_refused_untouched(tmp_path, tiny_checkp
 
 def test_resume_of_a_run_stopped_before_its_first_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     out = tmp_path / "run"
-    lora, real = methods.get("lora"), methods.get("lora").after_step
-    monkeypatch.setattr(lora, "after_step", lambda m, o, step, t, **kw: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if step == 2 else real(m, o, step, t, **kw))
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(tiny_checkpoint, out, steps=4))
-    monkeypatch.setattr(lora, "after_step", real)
+    interrupt_lora_run(monkeypatch, train_args(tiny_checkpoint, out, steps=4), 2)
     with pytest.raises(ValueError, match="stopped before its first checkpoint: add --resume"):
         train.main(train_args(tiny_checkpoint, out, steps=4))
     train.main(train_args(tiny_checkpoint, out, "--resume", steps=4))
@@ -210,12 +206,7 @@ def test_recorded_fields_of_the_wrong_type_are_refused_before_evaluating(tiny_ch
 def cut_run(tmp_path, tiny_checkpoint, monkeypatch):
     """A LoRA run killed at step 3 with a checkpoint of step 2; returns its train.py arguments."""
     args = train_args(tiny_checkpoint, tmp_path / "cut", "--save-every", "2", steps=6)
-    lora, real = methods.get("lora"), methods.get("lora").after_step
-    monkeypatch.setattr(lora, "after_step", lambda m, o, step, t, **kw: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if step == 3 else real(m, o, step, t, **kw))
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    monkeypatch.setattr(lora, "after_step", real)
+    interrupt_lora_run(monkeypatch, args, 3)
     return args
 
 
