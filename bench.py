@@ -22,6 +22,12 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
   buffers, optimizer state) plus the most bytes of torch tensors alive at once during the step,
   counted from the profiler's allocation events on a CPU (tracemalloc does not see torch, and the
   RSS high-water mark mixes variants and allocator caching), torch.cuda.max_memory_allocated on a GPU.
+- ALoRA's scoring round against the k2 training steps that follow it (the defaults of a 150-step
+  run: k2 = 3), on a validation batch of train.py's default --val-size (16) random sequences. A
+  round at the defaults scores every live rank with 1 + 2 x (live ranks) validation forwards (961 at
+  the start) and takes minutes on a CPU, so the round timed is one that scores a single rank per
+  module (score_frac near 0: 1 + 2 x modules forwards); its seconds per forward, times the default
+  round's forward count, is the default round's cost.
 - Merged inference: the logits of a LoRA merged into the base weights against the base model's.
 - The machine's limit: fp32 GEMM throughput of an n x n matmul, and the step's FLOPs counted, not
   measured (matmuls only; N = the sum of in x out over every linear layer, the LM head included):
@@ -79,6 +85,7 @@ TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
     "ours_over_peft_memory": (1.00, "our LoRA peak memory / peft's"),
     "merged_forward_over_base_forward": (1.02, "merged LoRA forward / base forward"),
     "sora_step_over_adalora_step": (0.80, "SoRA step / AdaLoRA step"),
+    "alora_round_over_k2_steps": (1.00, "ALoRA round / the k2 steps between"),
     **{f"{n}_low_over_fp32_step": (0.55, f"{n} step, --dtype / fp32") for n in methods.NAMES},
     **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in methods.NAMES},
     "ours_over_peft_low_step": (1.00, "our LoRA step / peft's, both --dtype"),
@@ -362,6 +369,32 @@ def bench_steps(base, batch, repeats, device, hf=None):
     return out
 
 
+def bench_alora_round(base, batch, val_batch, repeats, device):
+    """ALoRA's default scoring round, from a timed round that scores one rank per module, against
+    the k2 training steps it sits between (timed beside it)."""
+    alora = methods.get("alora")
+    v = method_variant(base, "alora", batch)
+    val_loss = train.val_closure(v.model, val_batch)
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return val_loss()
+
+    def small_round():
+        calls.clear()
+        alora.importance(v.model, counted, frac=1e-9)
+    v.step()  # warm-up
+    times = {n: statistics.median(t) for n, t in interleaved({"step": v.step, "round": small_round}, repeats,
+                                                             device).items()}
+    k2 = alora.schedule(alora.Config(), TOTAL_STEPS)[1]
+    forwards = 1 + 2 * sum(alora.ranks(v.model).values())  # the default round: every live rank scored
+    round_s = times["round"] / len(calls) * forwards
+    return {"k2": k2, "val_size": val_batch[0].shape[0], "step_s": times["step"],
+            "small_round_s": times["round"], "small_round_forwards": len(calls), "round_forwards": forwards,
+            "round_s": round_s, "k2_steps_s": k2 * times["step"]}
+
+
 def bench_forward(base, idx, repeats, device):
     """Median seconds of the base model's logits and of a merged LoRA's: merging must cost nothing."""
     lora = methods.get("lora")
@@ -540,6 +573,10 @@ def main(argv=None):
 
     res["steps"] = bench_steps(base, batch, args.repeats, args.device, hf)
     res.update(ratios(res["steps"]))
+    print("ALoRA's scoring round", file=sys.stderr, flush=True)
+    res["alora_round"] = bench_alora_round(base, batch, random_batch(base.cfg, 16, args.seq_len, args.device),
+                                           args.repeats, args.device)
+    res["alora_round_over_k2_steps"] = res["alora_round"]["round_s"] / res["alora_round"]["k2_steps_s"]
     fwd = bench_forward(base, batch[0], max(5, args.repeats), args.device)  # a forward is cheap: more repeats
     res["forward_s"] = fwd
     res["merged_forward_over_base_forward"] = fwd["merged"] / fwd["base"]
@@ -594,9 +631,12 @@ def report(res):
                      f"{v['peak_bytes'] / frozen['peak_bytes']:>9.3f}")
     lines.append(f"peft: {s['peft']}" + (f" (max |logit difference| from ours {res['hf_max_abs_logit_diff']:.1e})"
                                           if "hf_max_abs_logit_diff" in res else ""))
-    fwd, g = res["forward_s"], res["gemm"]
+    fwd, g, a = res["forward_s"], res["gemm"], res["alora_round"]
     lines += [
         "",
+        f"ALoRA round at the defaults (val batch {a['val_size']} x seq {s['seq_len']}): {a['round_forwards']} "
+        f"forwards, {a['round_s']:.1f} s (from a round of {a['small_round_forwards']} forwards, "
+        f"{a['small_round_s']:.2f} s); the k2 = {a['k2']} steps after it {a['k2_steps_s']:.2f} s",
         f"inference: merged LoRA forward {fwd['merged']:.3f} s, base forward {fwd['base']:.3f} s",
         f"GEMM fp32 {g['n']}^3: {g['gflops']:.1f} GFLOP/s; frozen step {res['frozen_step_gflop']:.1f} GFLOP "
         f"({100 * res['frozen_step_fraction_of_gemm']:.0f}% of GEMM), LoRA step {res['lora_step_gflop']:.1f} GFLOP "

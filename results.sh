@@ -3,7 +3,7 @@
 # one eval.py call that evaluates them all (and the base model) on the same test examples and
 # prints the table rows.
 #
-#   bash results.sh               # the built-in task, 3 seeds, bf16: ~80 min of training, ~10 min of evaluation on 2 CPU cores
+#   bash results.sh               # the built-in task, 3 seeds, bf16: ~100 min of training, ~25 min of evaluation on 2 CPU cores
 #   bash results.sh math          # SARA's Table 1 at small scale: 40 steps on its math split, 20 problems per set
 #   bash results.sh commonsense   # SARA's Table 2 at small scale: 40 per task to train on, 25 per task to test
 #   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after

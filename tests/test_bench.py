@@ -127,8 +127,10 @@ def test_the_whole_run_writes_every_figure(tmp_path, tiny_checkpoint):
         f"{n}_memory_over_frozen_memory" for n in methods.NAMES] + [
         "merged_forward_over_base_forward", "ours_over_peft_step", "ours_over_peft_memory",
         "sora_step_over_adalora_step", "frozen_step_fraction_of_gemm", "lora_step_fraction_of_gemm",
-        "sara_init_over_full_svd", "mosara_init_over_full_svd"]
+        "sara_init_over_full_svd", "mosara_init_over_full_svd", "alora_round_over_k2_steps"]
     assert all(res[k] > 0 for k in keys)
+    a = res["alora_round"]  # 4 modules (q, v x 2 layers) of rank 8: a default round scores all 32 ranks
+    assert (a["small_round_forwards"], a["round_forwards"], a["k2"], a["val_size"]) == (1 + 2 * 4, 1 + 2 * 32, 3, 16)
     assert set(res["steps"]) == {"frozen", "peft", *methods.NAMES}
     assert res["steps"]["peft"]["trainable_params"] == res["steps"]["lora"]["trainable_params"]
     assert res["init"]["random"]["shapes"] == ["16x16"] and res["init"]["model"]["matrices"] == 4  # q, v x 2 layers
