@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import files
 import methods
 import models
 import train
@@ -603,7 +604,7 @@ def main(argv=None):
     res["machine"]["load_average_at_end"] = os.getloadavg()[0]
     print(report(res))
     if args.json:
-        methods.write_json(args.json, res)
+        files.write_json(args.json, res)
     return res
 
 

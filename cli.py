@@ -3,15 +3,13 @@
     if __name__ == "__main__":
         cli.run(main)
 """
-import os
 import sys
-from pathlib import Path
 
+import adapters
 import data
-import methods
 import models
 
-USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError)
+USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, adapters.AdapterError)
 
 
 def run(main, interrupted=lambda: "interrupted"):
@@ -48,25 +46,6 @@ def non_negative(args, *names):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-
-
-def overlaps(a, b):
-    """Whether path a is b, lies inside it or holds it (symbolic links resolved)."""
-    a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def writable(path, flag):
-    """Refuse `flag`'s file `path` now when it could not be written later: a directory, or a place
-    whose nearest existing directory does not let us write (atomic_write creates the missing ones)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory: give a file name")
-    here = path.parent
-    while not here.exists():
-        here = here.parent
-    if not here.is_dir() or not os.access(here, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} cannot be written ({here} is not a writable directory)")
 
 
 def fmt_time(s):

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+import adapters
 import benchmarks
 import cli
 import data
+import files
 import methods
 import models
 import plots
@@ -67,16 +69,21 @@ def parse_args(argv):
     if args.show and (args.text or args.task == "shakespeare"):
         raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
     if args.json:
-        cli.writable(args.json, "--json")  # before the evaluation, not after it
-    configs = [methods.read_config(d) for d in args.adapter]  # fail before the model loads
+        files.writable(args.json, "--json")  # before the evaluation, not after it
+    configs = {d: adapters.read_config(d) for d in args.adapter}  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
 
 
 def trained_prompt(configs):
-    """The prompt template the adapters were trained with (train.py records it), so that every row
-    of the table, the base model's too, sees the prompts the adapters learnt on."""
-    styles = {c.get("train_args", {}).get("prompt") for c in configs} - {None}
+    """The prompt template the adapters ({directory: config.json's content}) were trained with
+    (train.py records it), so that every row of the table, the base model's too, sees the prompts the
+    adapters learnt on."""
+    for adapter_dir, c in configs.items():
+        if c.get("train_args", {}).get("prompt") not in (None, *data.PROMPTS):
+            raise adapters.AdapterError(f"{adapter_dir}/config.json is not an adapter config (its prompt is "
+                                        f"none of {', '.join(data.PROMPTS)})")
+    styles = {c.get("train_args", {}).get("prompt") for c in configs.values()} - {None}
     if len(styles) > 1:
         raise ValueError(f"the adapters were trained with different prompt templates ({', '.join(sorted(styles))}): "
                          "evaluate them separately or pass --prompt")
@@ -127,7 +134,7 @@ def perplexity(model, tok, texts, seq_len, batch_size, limit=None):
 def with_adapter(base, adapter_dir):
     """(a copy of the base model with the adapter loaded, merged when the method allows; its
     trainable count; its config.json)."""
-    model, meta = methods.load_adapter(copy.deepcopy(base), adapter_dir)
+    model, meta = adapters.load_adapter(copy.deepcopy(base), adapter_dir)
     trainable = sum(t.numel() for k, t in model.named_parameters() if "lora_" in k)
     try:
         methods.get(meta["method"]).merge(model)
@@ -143,7 +150,7 @@ def main(argv=None):
     base, tok = models.load(args.model, dtype)
     data.need_tokenizer(tok)
     for adapter_dir in args.adapter:  # a wrong adapter fails now, not after the rows before it
-        methods.check_adapter(base, adapter_dir)
+        adapters.check_adapter(base, adapter_dir)
     base_params = sum(p.numel() for p in base.parameters())
     if args.text:
         try:
@@ -187,7 +194,7 @@ def main(argv=None):
         for s, completions in shown.items():
             print_completions(s, sets[s], completions)
     if args.json:
-        methods.write_json(args.json, rows)
+        files.write_json(args.json, rows)
     if args.markdown:
         print("\n".join(plots.markdown_table(rows)))
     return rows

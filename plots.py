@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+import adapters
 import cli
 import data
+import files
 import methods
 
 MATPLOTLIB = "matplotlib==3.11.2"
@@ -45,7 +47,7 @@ def read_json(path, default=None):
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise methods.AdapterError(f"{path} is not JSON ({e})") from None
+        raise adapters.AdapterError(f"{path} is not JSON ({e})") from None
 
 
 def read_log(adapter_dir):
@@ -56,7 +58,7 @@ def read_log(adapter_dir):
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except ValueError as e:
-        raise methods.AdapterError(f"{path} is not JSON lines ({e})") from None
+        raise adapters.AdapterError(f"{path} is not JSON lines ({e})") from None
 
 
 def series(log, key):
@@ -123,7 +125,7 @@ def router_means(model, tok, examples, style="chat"):
 # ----------------------------------------------------------------------------- drawing
 
 def save(fig, path):
-    methods.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     pyplot().close(fig)  # pyplot keeps every open figure alive otherwise
 
 
@@ -245,7 +247,7 @@ def label(name, method):
 
 def adapter_figures(out, base, tok, adapter_dir, examples, model_name):
     """One adapter's figures: its ranks; SARA's threshold sweep; Mo-SARA's router. The paths written."""
-    model, meta = methods.load_adapter(copy.deepcopy(base), adapter_dir)
+    model, meta = adapters.load_adapter(copy.deepcopy(base), adapter_dir)
     model.eval()
     name, kind = Path(adapter_dir).name, meta["method"]
     who = label(name, kind)
@@ -276,7 +278,7 @@ def adapter_figures(out, base, tok, adapter_dir, examples, model_name):
 
 def training_figures(out, adapter_dirs, model_name):
     """Loss and live-rank curves of all the adapters from their log.jsonl. The paths written."""
-    logs = {label(Path(d).name, methods.read_config(d)["method"]): read_log(d) for d in adapter_dirs}
+    logs = {label(Path(d).name, adapters.read_config(d)["method"]): read_log(d) for d in adapter_dirs}
     written = []
     losses = {k: series(log, "loss") for k, log in logs.items() if series(log, "loss")[0]}
     if losses:

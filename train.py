@@ -17,7 +17,6 @@ stays the global batch; each process takes its share of every micro-batch, the a
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -30,9 +29,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import adapters
 import benchmarks
 import cli
 import data
+import files
 import methods
 import models
 
@@ -104,7 +105,7 @@ def parse_args(argv):
     check_device(args.device)
     args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
     args.out = Path(args.out or f"out/{args.method}")
-    if args.model and Path(args.model).exists() and cli.overlaps(args.out, args.model):
+    if args.model and Path(args.model).exists() and files.overlaps(args.out, args.model):
         raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
                          "writes into a model's directory")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
@@ -185,7 +186,7 @@ def val_closure(model, val_batch):
 
 def method_state(model, base_buffers):
     """Buffers the method added that are not in the adapter file: gates, EMAs, λ ... (its training state)."""
-    adapter = methods.adapter_state(model)
+    adapter = adapters.adapter_state(model)
     return {k: v.detach().cpu().clone() for k, v in model.named_buffers()
             if k not in base_buffers and k not in adapter}
 
@@ -196,14 +197,14 @@ CHECKPOINT = {"adapter": dict, "method_state": dict, "optimizer": dict, "schedul
 
 
 def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args, scaler=None):
-    state = {"adapter": methods.adapter_state(model), "method_state": method_state(model, base_buffers),
+    state = {"adapter": adapters.adapter_state(model), "method_state": method_state(model, base_buffers),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
              "rng": torch.get_rng_state(), "train_args": run_args, "model_config": dataclasses.asdict(model.cfg)}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     if scaler:
         state["scaler"] = scaler.state_dict()
-    methods.atomic_write(path, lambda p: torch.save(state, p))
+    files.atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path, model, opt, sched, run_args, base_buffers, scaler=None):
@@ -226,8 +227,8 @@ def load_checkpoint(path, model, opt, sched, run_args, base_buffers, scaler=None
     if state["model_config"] != dataclasses.asdict(model.cfg):
         raise ValueError(f"{path} was written for another model than {run_args['model'] or 'the default'}: "
                          "resume with the model the run started with")
-    methods.check_tensors(state["adapter"], methods.adapter_state(model), f"{path} (adapter)")
-    methods.check_tensors(state["method_state"], method_state(model, base_buffers), f"{path} (method state)")
+    adapters.check_tensors(state["adapter"], adapters.adapter_state(model), f"{path} (adapter)")
+    adapters.check_tensors(state["method_state"], method_state(model, base_buffers), f"{path} (method state)")
     try:
         model.load_state_dict(state["adapter"], strict=False)
         for k, v in state["method_state"].items():
@@ -258,7 +259,7 @@ def trim_log(path, step):
     if None in steps:
         raise ValueError(f"{path} line {steps.index(None) + 1} is not a log record: repair or delete the file")
     keep = [line for line, s in zip(lines, steps) if s <= step]
-    methods.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
+    files.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
 
 
 def log_step(line):
@@ -274,68 +275,6 @@ def resume_args(args):
     """The flags a resumed run must share with the run it continues."""
     skip = {"resume", "out", "log_every", "save_every", "device"}
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
-
-
-# ----------------------------------------------------------------------------- the output directory
-
-RUN_FILES = ("adapter.safetensors", "config.json", "log.jsonl", "summary.json", "checkpoint.pt")
-
-
-@contextlib.contextmanager
-def hold(out):
-    """This process's claim on --out for as long as the run lasts: an exclusive flock on the
-    directory itself (the kernel drops it when the process dies, so a killed run leaves no stale
-    lock). A directory made here for a run that then wrote nothing is removed again."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another run is writing into {out}: wait for it to end, or choose another --out") from None
-        yield
-    finally:
-        os.close(fd)
-        if made and not any(out.iterdir()):
-            out.rmdir()
-
-
-def check_out(args):
-    """Refuse an --out that is not this run's to write: it must be empty, or hold this run unfinished
-    (a checkpoint, or the files of a run stopped before its first one) and --resume be given.
-    Returns the summary of a finished run that --resume finds, else None."""
-    out = args.out
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    names -= {n for n in names if n.endswith(".tmp") and n.startswith(RUN_FILES)}  # atomic_write's, left by a kill
-    if not names:
-        return None
-    foreign = sorted(names - set(RUN_FILES))
-    if foreign:
-        raise ValueError(f"--out {out} holds files that are not a train.py run's ({', '.join(foreign[:3])}): "
-                         "choose an empty or new directory")
-    if "checkpoint.pt" in names:
-        if not args.resume:
-            raise ValueError(f"{out / 'checkpoint.pt'} holds an unfinished run: add --resume to continue it, "
-                             "or choose another --out")
-        return None  # load_checkpoint checks its flags
-    if "summary.json" in names:
-        if not args.resume:
-            raise ValueError(f"{out} holds a finished run: choose another --out (or delete it to train again)")
-        return read_summary(out / "summary.json")
-    if not args.resume:
-        raise ValueError(f"{out} holds a run that stopped before its first checkpoint: add --resume to "
-                         "start it over, or choose another --out")
-    return None
-
-
-def read_summary(path):
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): repair or delete it") from None
 
 
 def interrupted(argv=None):
@@ -479,8 +418,8 @@ def main(argv=None):
     (every process checks: they all see the same files, and none has written yet)."""
     args, method, cfg = parse_args(sys.argv[1:] if argv is None else argv)
     first = int(os.environ.get("RANK", 0)) == 0
-    with hold(args.out) if first else contextlib.nullcontext():
-        finished = check_out(args)
+    with files.hold(args.out) if first else contextlib.nullcontext():
+        finished = files.check_out(args.out, args.resume)
         if finished is None:
             return train(args, method, cfg)
         if first:
@@ -563,7 +502,7 @@ def train(args, method, cfg):
                 f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}"
                 + (f" | {extra}" if extra else ""), flush=True)
         if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
-            methods.save_adapter(model, args.out, args.method, cfg, **info)
+            adapters.save_adapter(model, args.out, args.method, cfg, **info)
             save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args, scaler)
 
     model.eval()
@@ -575,8 +514,8 @@ def train(args, method, cfg):
                "total_rank": sum(ranks.values())}
     if rank == 0:
         log.close()
-        methods.save_adapter(model, args.out, args.method, cfg, **info)
-        methods.write_json(args.out / "summary.json", summary)
+        adapters.save_adapter(model, args.out, args.method, cfg, **info)
+        files.write_json(args.out / "summary.json", summary)
         if ckpt.exists():
             os.remove(ckpt)  # the run is complete: the adapter is what remains
     say(f"done in {cli.fmt_time(summary['seconds'])}: task loss {loss_avg:.4f}, val loss {summary['val_loss']:.4f}, "

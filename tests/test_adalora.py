@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
-import methods
+import adapters
 from train import train_step
 from methods import adalora
 from conftest import tiny_gpt, tiny_llama
@@ -270,13 +270,13 @@ def test_save_load_gives_identical_logits(tiny_model, tmp_path):
     cfg = adalora.Config(init_r=4, target_r=2, tinit=1, tfinal=2)
     model, _, _ = train(tiny_model, cfg, total_steps=8)
     fresh = tiny_llama() if isinstance(model, Llama) else tiny_gpt()
-    methods.save_adapter(model, tmp_path, "adalora", cfg, model_config=dataclasses.asdict(model.cfg))
-    loaded, _ = methods.load_adapter(fresh, tmp_path)
+    adapters.save_adapter(model, tmp_path, "adalora", cfg, model_config=dataclasses.asdict(model.cfg))
+    loaded, _ = adapters.load_adapter(fresh, tmp_path)
     loaded.eval()
     x, _ = batch(2)
     assert torch.equal(loaded(x), model(x))
     assert adalora.ranks(loaded) == adalora.ranks(model)
-    assert not any("bar" in k for k in methods.adapter_state(model))  # EMAs are training-only
+    assert not any("bar" in k for k in adapters.adapter_state(model))  # EMAs are training-only
 
 
 @pytest.mark.parametrize("kw", [dict(target_r=0), dict(init_r=4, target_r=5), dict(tinit=-1), dict(tfinal=-2),

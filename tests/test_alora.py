@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
+import adapters
 import train
 from methods import alora
 from conftest import tiny_gpt, tiny_llama
@@ -255,8 +255,8 @@ def test_save_load_identical_logits(tmp_path):
     x, y = batch(model)
     alora.allocation_round(model, torch.optim.AdamW(alora.param_groups(model, 1e-3, 0)), closure(model, x, y), 3)
     model.eval()
-    methods.save_adapter(model, tmp_path, "alora", cfg, model_config=dataclasses.asdict(model.cfg))
-    fresh, _ = methods.load_adapter(tiny_llama(seed=0), tmp_path)
+    adapters.save_adapter(model, tmp_path, "alora", cfg, model_config=dataclasses.asdict(model.cfg))
+    fresh, _ = adapters.load_adapter(tiny_llama(seed=0), tmp_path)
     fresh.eval()
     assert torch.equal(fresh(x), model(x))
     assert alora.ranks(fresh) == alora.ranks(model)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import adapters
 import benchmarks
 import data
 import eval as evaluate
-import methods
+import files
 import train
 
 FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "512", "--val-size", "2", "--log-every", "1"]
@@ -225,7 +226,7 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, urlopen,
 def test_train_and_eval_on_an_llm_adapters_directory(tmp_path, tiny_checkpoint, capsys):
     d, out = math_dir(tmp_path / "math"), tmp_path / "lora"
     train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--data", str(d), "--out", str(out), *FAST])
-    assert methods.read_config(out)["train_args"]["prompt"] == "alpaca"  # the template goes with the data
+    assert adapters.read_config(out)["train_args"]["prompt"] == "alpaca"  # the template goes with the data
     rows = evaluate.main(["--model", str(tiny_checkpoint), "--data", str(d), "--adapter", str(out), "--limit", "2",
                           "--max-new-tokens", "4", "--json", str(tmp_path / "rows.json")])
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
@@ -239,7 +240,7 @@ def test_train_and_eval_on_an_llm_adapters_directory(tmp_path, tiny_checkpoint, 
 
 def test_eval_prompts_as_the_adapters_were_trained(tmp_path):
     def adapter(name, prompt):
-        methods.write_json(tmp_path / name / "config.json",
+        files.write_json(tmp_path / name / "config.json",
                            {"method": "lora", "config": {}, "train_args": {"prompt": prompt}})
         return str(tmp_path / name)
 

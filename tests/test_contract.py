@@ -18,6 +18,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adapters
 import methods
 import train
 from bench import HFLoss as HFCausalLM  # a transformers LM with our loss(x, y)
@@ -165,9 +166,9 @@ def test_to_lora_reproduces_delta_w(name, family):
 def test_save_then_load_adapter_gives_identical_logits(name, family, tmp_path):
     base, model = trained(name, family)
     method = methods.get(name)
-    methods.save_adapter(model, tmp_path, name, method.config(model))
-    fresh, meta = methods.load_adapter(copy.deepcopy(base), tmp_path)
-    assert meta["method"] == name and methods.config_from_dict(method, meta["config"]) == method.config(model)
+    adapters.save_adapter(model, tmp_path, name, method.config(model))
+    fresh, meta = adapters.load_adapter(copy.deepcopy(base), tmp_path)
+    assert meta["method"] == name and adapters.config_from_dict(method, meta["config"]) == method.config(model)
     assert torch.equal(logits(fresh.eval()), logits(model))
     assert method.ranks(fresh) == method.ranks(model)
 

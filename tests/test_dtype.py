@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapters
 import export
 import methods
 import models
@@ -175,9 +176,9 @@ def test_export_in_bf16_writes_what_transformers_reads(tiny_checkpoint, tmp_path
     tensors = load_file(tmp_path / "merged" / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {BF16}
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert {t.dtype for t in load_file(tmp_path / "peft" / methods.PEFT_WEIGHTS).values()} == {torch.float32}
+    assert {t.dtype for t in load_file(tmp_path / "peft" / adapters.PEFT_WEIGHTS).values()} == {torch.float32}
     ours, _ = models.load(tiny_checkpoint, BF16)
-    ours, _ = methods.load_adapter(ours, run)
+    ours, _ = adapters.load_adapter(ours, run)
     methods.get("lora").merge(ours)
     for k, v in ours.state_dict().items():  # export writes the weights merge made, bit for bit
         if k in tensors:

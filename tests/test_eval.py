@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+import adapters
 import data
 import eval as evaluate
 import export
-import methods
 import models
 import train
 from conftest import tiny_llama, write_checkpoint
@@ -38,7 +38,7 @@ def no_evaluation(monkeypatch):
 
 
 def test_an_adapter_of_another_model_fails_before_any_row(adapter, other_model, tiny_checkpoint, no_evaluation):
-    with pytest.raises(methods.AdapterError, match=f"trained on another model, {tiny_checkpoint}.*dim 32, "
+    with pytest.raises(adapters.AdapterError, match=f"trained on another model, {tiny_checkpoint}.*dim 32, "
                                                    "here 48.*pass that model as --model"):
         evaluate.main(["--model", str(other_model), "--adapter", str(adapter), "--limit", "1"])
 
@@ -47,7 +47,7 @@ def test_a_peft_adapter_of_another_model_fails_before_any_row(adapter, other_mod
                                                                 no_evaluation):
     export.main(["--format", "peft", "--adapter", str(adapter), "--model", str(tiny_checkpoint),
                  "--out", str(tmp_path / "peft")])
-    with pytest.raises(methods.AdapterError, match="does not fit the model's layer: pass the model"):
+    with pytest.raises(adapters.AdapterError, match="does not fit the model's layer: pass the model"):
         evaluate.main(["--model", str(other_model), "--adapter", str(tmp_path / "peft"), "--limit", "1"])
 
 

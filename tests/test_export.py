@@ -19,14 +19,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import adapters
 import checkpoints as ck
 import eval as evaluate
 import export
+import files
 import methods
 import models
 import train
+from adapters import hf_lora, our_lora
 from conftest import tiny_llama
-from models.weights import hf_lora, our_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*ships no tokenizer files", "ignore::FutureWarning")
@@ -102,7 +104,7 @@ def with_random_adapter(source, name, seed=0, prune=0.4, **cfg):
 
 
 def save(model, name, cfg, out):
-    methods.save_adapter(model, out, name, cfg, model_config=dataclasses.asdict(model.cfg))
+    adapters.save_adapter(model, out, name, cfg, model_config=dataclasses.asdict(model.cfg))
 
 
 def peft_model(hf_dir, adapter_dir):
@@ -153,7 +155,7 @@ def test_gguf_export_ships_a_tokenizer_that_train_reads(tmp_path):
 def test_default_model_exports_to_transformers(tmp_path):
     """The GGUF default model (q/k unpermuted at load, config from GGUF metadata) as a HF checkpoint."""
     model, tok = ck.default_model()
-    export.write_dir(tmp_path / "hf", lambda out: export.write_hf(out, model, None))
+    files.write_dir(tmp_path / "hf", lambda out: export.write_hf(out, model, None))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     x = torch.tensor([tok.prompt("What is the capital of France?")])
     close(logits(hf, x), logits(model, x))
@@ -177,7 +179,7 @@ def test_peft_export_matches_peft_and_loads_back(sources, family, name, tmp_path
     close(logits(peft_model(hf_dir, tmp_path / "p"), x), want)
 
     back, _ = models.load(src)
-    methods.load_adapter(back, tmp_path / "p")
+    adapters.load_adapter(back, tmp_path / "p")
     close(logits(back, x), want)
     live = {n: A.shape[0] for n, (A, _) in methods.get(name).to_lora(ours).items() if A.shape[0]}
     if family != "gpt2":  # the same modules at the same ranks (GPT-2's are re-split from c_attn)
@@ -213,13 +215,13 @@ def test_gpt2_qkv_joins_into_c_attn_exactly(sources, name, seed, r, prune, thres
     cfg = {"sora": dict(rmax=r), "adalora": dict(init_r=r, target_r=1), "sara": dict(threshold=threshold)}[name]
     ours, _ = with_random_adapter(src, name, seed=seed, prune=prune, targets=("q", "k", "v", "fc"), **cfg)
     factors = methods.get(name).to_lora(ours)
-    write = lambda tmp: export.write_peft(tmp, ours, factors, "gpt2")  # noqa: E731
+    write = lambda tmp: adapters.write_peft(tmp, ours, factors, "gpt2")  # noqa: E731
     with tempfile.TemporaryDirectory() as d:
         if not any(A.shape[0] for A, _ in factors.values()):
             with pytest.raises(ValueError, match="pruned to rank 0"):
-                export.write_dir(Path(d) / "p", write)
+                files.write_dir(Path(d) / "p", write)
             return
-        export.write_dir(Path(d) / "p", write)
+        files.write_dir(Path(d) / "p", write)
         close(logits(peft_model(hf_dir, Path(d) / "p"), ids(seed)), logits(ours, ids(seed)))
 
 
@@ -254,7 +256,7 @@ def test_adapters_saved_by_peft_load_as_lora(sources, family, tmp_path):
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), cfg).eval()
     pm.save_pretrained(tmp_path / "p")
     ours, _ = models.load(src)
-    methods.load_adapter(ours, tmp_path / "p")
+    adapters.load_adapter(ours, tmp_path / "p")
     close(logits(ours, ids()), logits(pm, ids()))
 
 
@@ -280,7 +282,7 @@ def test_eval_reads_a_peft_adapter(tiny_checkpoint, tmp_path):
     (["--format", "peft", "--adapter", "/no/such/adapter", "--out", "x"], "does not exist"),
 ])
 def test_bad_arguments_are_refused(args, message):
-    with pytest.raises((ValueError, methods.AdapterError), match=message):
+    with pytest.raises((ValueError, adapters.AdapterError), match=message):
         export.main(args)
 
 
@@ -303,7 +305,7 @@ def test_a_failed_export_leaves_nothing(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        export.write_dir(tmp_path / "out", half)
+        files.write_dir(tmp_path / "out", half)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,12 +1,14 @@
 """Checkpoints that transformers itself saves (save_pretrained, the version requirements-test.txt
 pins): both config layouts read to the same logits, every RoPE variant llama.py implements,
 the others refused, and export.py writing what transformers writes."""
+import dataclasses
 import json
 
 import pytest
 import torch
 import transformers
 
+import adapters
 import export
 import methods
 import models
@@ -151,10 +153,10 @@ def test_adapters_recorded_before_a_config_field_existed_still_load(tmp_path):
     model, _ = models.load(tmp_path / "m")
     lora = methods.get("lora")
     lora.apply(model, lora.Config(r=2))
-    cfg = json.loads(json.dumps(methods.dataclasses.asdict(model.cfg)))
+    cfg = json.loads(json.dumps(dataclasses.asdict(model.cfg)))
     del cfg["qkv_bias"]
-    methods.save_adapter(model, tmp_path / "ad", "lora", lora.Config(r=2), model_config=cfg)
-    methods.load_adapter(models.load(tmp_path / "m")[0], tmp_path / "ad")
+    adapters.save_adapter(model, tmp_path / "ad", "lora", lora.Config(r=2), model_config=cfg)
+    adapters.load_adapter(models.load(tmp_path / "m")[0], tmp_path / "ad")
     saved_by_transformers(tmp_path / "other", "qwen2")
-    with pytest.raises(methods.AdapterError, match="qkv_bias False, here True.*--model"):
-        methods.check_adapter(models.load(tmp_path / "other")[0], tmp_path / "ad")
+    with pytest.raises(adapters.AdapterError, match="qkv_bias False, here True.*--model"):
+        adapters.check_adapter(models.load(tmp_path / "other")[0], tmp_path / "ad")

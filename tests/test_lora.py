@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
+import adapters
 from conftest import tiny_gpt, tiny_llama
 from methods import lora
 
@@ -40,9 +40,9 @@ def test_load_adapter_refuses_another_model(tmp_path):
     model = tiny_llama()
     cfg = lora.Config()
     lora.apply(model, cfg)
-    methods.save_adapter(model, tmp_path, "lora", cfg, model_config=dataclasses.asdict(model.cfg))
-    with pytest.raises(methods.AdapterError, match="another model"):
-        methods.load_adapter(tiny_llama(dim=48), tmp_path)
+    adapters.save_adapter(model, tmp_path, "lora", cfg, model_config=dataclasses.asdict(model.cfg))
+    with pytest.raises(adapters.AdapterError, match="another model"):
+        adapters.load_adapter(tiny_llama(dim=48), tmp_path)
 
 
 def test_bad_config_and_targets():

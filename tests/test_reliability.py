@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file
 
+import adapters
 import data
 import eval as evaluate
 import methods
@@ -167,8 +168,8 @@ def test_fuzz_adapter_directory(tmp_path, tiny_checkpoint, doc, blob):
     (tmp_path / "config.json").write_text(json.dumps(doc))
     (tmp_path / "adapter.safetensors").write_bytes(blob)
     model, _ = models.load(tiny_checkpoint)
-    with pytest.raises(methods.AdapterError):
-        methods.load_adapter(model, tmp_path)
+    with pytest.raises(adapters.AdapterError):
+        adapters.load_adapter(model, tmp_path)
 
 
 def test_a_truncated_adapter_is_one_sentence(tmp_path, tiny_checkpoint):
@@ -263,7 +264,7 @@ BAD = [
 ]
 
 
-USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, methods.AdapterError)
+USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, adapters.AdapterError)
 
 
 @pytest.mark.parametrize("args,message", BAD)
@@ -293,7 +294,7 @@ def test_bad_data_and_adapters_are_user_errors(tmp_path, tiny_checkpoint):
 def test_an_adapter_from_another_model_is_refused(tmp_path, finished_run):
     from conftest import tiny_llama, write_checkpoint
     other = write_checkpoint(tmp_path / "other", tiny_llama(vocab_size=259, max_seq_len=512, dim=48))
-    with pytest.raises(methods.AdapterError, match="trained on another model"):
+    with pytest.raises(adapters.AdapterError, match="trained on another model"):
         evaluate.main(["--model", str(other), "--adapter", str(finished_run), "--limit", "1"])
 
 

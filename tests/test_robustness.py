@@ -19,11 +19,13 @@ import torch
 from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save_file
 
+import adapters
 import benchmarks
 import cli
 import data
 import eval as evaluate
 import export
+import files
 import methods
 import models
 import train
@@ -73,7 +75,7 @@ def one_line_error(r):
 def test_a_second_run_on_a_held_out_is_refused(tmp_path, tiny_checkpoint):
     """D2: two runs on one --out both ran and corrupted log.jsonl; the second is now refused at once."""
     out = tmp_path / "run"
-    with train.hold(out):
+    with files.hold(out):
         with pytest.raises(ValueError, match="another run is writing into"):
             train.main(train_args(tiny_checkpoint, out))
         assert list(out.iterdir()) == []
@@ -131,7 +133,7 @@ def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run
 
 def load(model_dir, adapter_dir):
     model, _ = models.load(model_dir)
-    return methods.load_adapter(model, adapter_dir)
+    return adapters.load_adapter(model, adapter_dir)
 
 
 @pytest.mark.parametrize("case", ["rank", "1-D", "nan", "inf alpha", "bool alpha", "width"])
@@ -155,7 +157,7 @@ def test_adapter_tensors_and_config_must_fit(tmp_path, tiny_checkpoint, adapter,
         from conftest import tiny_llama, write_checkpoint
         model = write_checkpoint(tmp_path / "wide", tiny_llama(vocab_size=259, max_seq_len=512, dim=48))
         edit_json(adapter / "config.json", lambda c: c.pop("model_config"))
-    with pytest.raises(methods.AdapterError):
+    with pytest.raises(adapters.AdapterError):
         load(model, adapter)
     one_line_error(run("eval.py", "--model", str(model), "--adapter", str(adapter), "--limit", "1",
                        "--max-new-tokens", "1"))
@@ -167,7 +169,7 @@ def test_adapter_tensors_and_config_must_fit(tmp_path, tiny_checkpoint, adapter,
 def test_a_config_that_asks_for_absurd_sizes_allocates_nothing(tmp_path, tiny_checkpoint, adapter):
     """D7: `r: 10**12` died in an allocation; a model config of 20,000 layers took 67 s and 1.1 GB."""
     edit_json(adapter / "config.json", lambda c: c["config"].update(r=10**12))
-    with pytest.raises(methods.AdapterError, match="larger than any tensor"):
+    with pytest.raises(adapters.AdapterError, match="larger than any tensor"):
         load(tiny_checkpoint, adapter)
     model = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model)
@@ -182,13 +184,13 @@ def test_deep_json_is_one_line(tmp_path, tiny_checkpoint, adapter):
     """D8: 100k-deep nesting in a config, an adapter config or --data was a RecursionError traceback."""
     deep = "[" * 100_000 + "]" * 100_000
     (adapter / "config.json").write_text(deep)
-    with pytest.raises(methods.AdapterError, match="not an adapter config"):
-        methods.read_config(adapter)
+    with pytest.raises(adapters.AdapterError, match="not an adapter config"):
+        adapters.read_config(adapter)
     peft = tmp_path / "peft"
     peft.mkdir()
-    (peft / methods.PEFT_CONFIG).write_text(deep)
-    with pytest.raises(methods.AdapterError, match="not a PEFT adapter config"):
-        methods.read_config(peft)
+    (peft / adapters.PEFT_CONFIG).write_text(deep)
+    with pytest.raises(adapters.AdapterError, match="not a PEFT adapter config"):
+        adapters.read_config(peft)
     (tmp_path / "d.json").write_text(deep)
     one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "o"), "--data", str(tmp_path / "d.json")))
 
@@ -274,13 +276,13 @@ HOSTILE_PEFT = [
 def test_a_hostile_peft_adapter_is_one_sentence(tiny_checkpoint, peft_adapter, name, change, message):
     """D5: these were ZeroDivisionError, re.error, TypeError, IndexError tracebacks, one hang, and a
     target_modules regex and layers_to_transform ignored."""
-    config, weights = peft_adapter / methods.PEFT_CONFIG, peft_adapter / methods.PEFT_WEIGHTS
+    config, weights = peft_adapter / adapters.PEFT_CONFIG, peft_adapter / adapters.PEFT_WEIGHTS
     c, t = json.loads(config.read_text()), load_file(weights)
     change(c, t)
     config.write_text(json.dumps(c))
     save_file({k: v.contiguous() for k, v in t.items()}, str(weights))
     t0 = time.time()
-    with pytest.raises(methods.AdapterError, match=message):
+    with pytest.raises(adapters.AdapterError, match=message):
         load(tiny_checkpoint, peft_adapter)
     assert time.time() - t0 < 10
 
@@ -291,7 +293,7 @@ def test_peft_targets_are_honoured_as_peft_reads_them(tiny_checkpoint, peft_adap
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    edit_json(peft_adapter / methods.PEFT_CONFIG, lambda c: c.update(
+    edit_json(peft_adapter / adapters.PEFT_CONFIG, lambda c: c.update(
         target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1], layers_pattern="layers"))
     model, _ = load(tiny_checkpoint, peft_adapter)
     assert len(methods.get("lora").layers(model)) == 4
@@ -299,7 +301,7 @@ def test_peft_targets_are_honoured_as_peft_reads_them(tiny_checkpoint, peft_adap
     for fields in [dict(target_modules=r".*layers\.1\..*_proj"), dict(target_modules=["q_proj", "down_proj"]),
                    dict(target_modules=["v_proj"], layers_to_transform=[1]),
                    dict(target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers")]:
-        ours = [n for n in names if methods.peft_targets(fields, n)]
+        ours = [n for n in names if adapters.peft_targets(fields, n)]
         assert ours == [n for n in names if check_target_module_exists(LoraConfig(**fields), n)]
 
 
@@ -314,13 +316,13 @@ PEFT_VALUES = st.none() | st.booleans() | st.integers(-3, 20) | st.floats() | st
 @given(fields=st.dictionaries(st.sampled_from(PEFT_READ), PEFT_VALUES, max_size=4))
 def test_fuzz_peft_config_fields(tmp_path, tiny_checkpoint, peft_adapter, fields):
     """Random values in the fields this loader reads: a LoRA or an AdapterError, never another exception."""
-    config = peft_adapter / methods.PEFT_CONFIG
+    config = peft_adapter / adapters.PEFT_CONFIG
     original = config.read_text()
     config.write_text(json.dumps({**json.loads(original), **fields}))
     try:
         model, _ = load(tiny_checkpoint, peft_adapter)
         assert all(p.isfinite().all() for p in model.parameters())
-    except methods.AdapterError:
+    except adapters.AdapterError:
         pass
     finally:
         config.write_text(original)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
+import adapters
 from train import train_step
 from conftest import tiny_gpt, tiny_llama
 from methods import salora
@@ -258,9 +258,9 @@ def test_param_groups_give_gates_own_lr_and_no_decay():
 def test_save_load_gives_identical_logits(tiny_model, tmp_path):
     cfg = salora.Config(rmax=4, targets=("q", "v", "o"))
     model = perturb(salora.apply(tiny_model, cfg), 1).eval()
-    methods.save_adapter(model, tmp_path, "salora", cfg, model_config=dataclasses.asdict(model.cfg))
+    adapters.save_adapter(model, tmp_path, "salora", cfg, model_config=dataclasses.asdict(model.cfg))
     fresh = tiny_llama() if type(model).__name__ == "Llama" else tiny_gpt()
-    methods.load_adapter(fresh, tmp_path)
+    adapters.load_adapter(fresh, tmp_path)
     fresh.eval()
     x, _ = batch()
     with torch.no_grad():

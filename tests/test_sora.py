@@ -11,7 +11,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
+import adapters
 from train import train_step
 from conftest import tiny_gpt, tiny_llama
 from methods import sora
@@ -267,8 +267,8 @@ def test_merge_equals_unmerged_forward(trained):
 
 def test_save_load_adapter_gives_identical_logits(trained, tmp_path):
     model, cfg, base_model = trained
-    methods.save_adapter(model, tmp_path, "sora", cfg, model_config=dataclasses.asdict(model.cfg))
-    fresh, _ = methods.load_adapter(base_model(), tmp_path)
+    adapters.save_adapter(model, tmp_path, "sora", cfg, model_config=dataclasses.asdict(model.cfg))
+    fresh, _ = adapters.load_adapter(base_model(), tmp_path)
     x = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))

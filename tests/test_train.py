@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import adapters
 import eval as evaluate
 import methods
 import models
@@ -34,7 +35,7 @@ def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
     assert (max(r["penalty"] for r in log) > 0) == (name in ("adalora", "salora"))  # apart from the task loss
 
     model, _ = models.load(tiny_checkpoint)
-    model, meta = methods.load_adapter(model, out)
+    model, meta = adapters.load_adapter(model, out)
     assert meta["method"] == name and meta["train_args"]["steps"] == 24
     assert sum(t.numel() for k, t in model.named_parameters() if "lora_" in k) > 0
     rows = evaluate.main(["--model", str(tiny_checkpoint), "--adapter", str(out), "--limit", "3",
