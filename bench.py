@@ -9,7 +9,7 @@ Prints a table and, with --json, writes every figure. Each time is the median ov
 visit the variants round-robin (each repeat starting one variant later), so a machine that slows
 down mid-run slows every variant alike and the ratios stay fair even when the absolute times don't.
 
-- Training step, per method at its default Config: train.train_step itself (forward, task loss +
+- Training step, per method at its default Config: training.train_step itself (forward, task loss +
   extra_loss, backward, after_backward, gradient clipping, AdamW, after_step, the lr scheduler) on random
   tokens, every position a target. The step is number 60 of 150: AdaLoRA is scoring and masking,
   SaLoRA's gates and multiplier train, and ALoRA's after_step holds no scoring round (a round costs
@@ -64,13 +64,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import cli
 import files
 import methods
 import models
-import train
+import training
 
 STEP, TOTAL_STEPS = 60, 150  # which step of which run the timed step is (see the docstring)
 LR = 1e-3
@@ -261,14 +260,14 @@ PLAIN_HOOKS = types.SimpleNamespace(
 
 
 def trained_variant(model, method, batch):
-    """model (adapter applied) trained by train.train_step at STEP of TOTAL_STEPS."""
+    """model (adapter applied) trained by training.train_step at STEP of TOTAL_STEPS."""
     model.train()
     opt = torch.optim.AdamW(method.param_groups(model, LR, 0.0), lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    val_loss = train.val_closure(model, batch)
+    val_loss = training.val_closure(model, batch)
 
     def step():
-        train.train_step(model, method, opt, sched, [batch], STEP, TOTAL_STEPS, val_loss=val_loss)
+        training.train_step(model, method, opt, sched, [batch], STEP, TOTAL_STEPS, val_loss=val_loss)
     return Variant(model, step, opt)
 
 
@@ -277,22 +276,6 @@ def method_variant(base, name, batch):
     torch.manual_seed(0)
     model = method.apply(share_base(base), method.Config())
     return trained_variant(model, method, batch)
-
-
-class HFLoss(nn.Module):
-    """A transformers causal LM behind our model's forward and `loss(idx, targets)`, so train_step drives it."""
-
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, idx):
-        return self.hf(input_ids=idx).logits
-
-    def loss(self, idx, targets):
-        logits = self(idx)  # (B, T, vocab), the same positions as ours
-        # log-softmax in float32, as ours and transformers' own loss compute it in any dtype
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def hf_llama(model):
@@ -333,7 +316,7 @@ def peft_variant(hf, batch):
         hf = peft.get_peft_model(hf, peft.LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
             target_modules=[models.Llama.TARGETS[t].rpartition(".")[2] for t in cfg.targets]))
-    return trained_variant(HFLoss(hf), PLAIN_HOOKS, batch)  # the loss is the task loss alone
+    return trained_variant(training.HFLoss(hf), PLAIN_HOOKS, batch)  # the loss is the task loss alone
 
 
 @torch.no_grad()
@@ -375,7 +358,7 @@ def bench_alora_round(base, batch, val_batch, repeats, device):
     the k2 training steps it sits between (timed beside it)."""
     alora = methods.get("alora")
     v = method_variant(base, "alora", batch)
-    val_loss = train.val_closure(v.model, val_batch)
+    val_loss = training.val_closure(v.model, val_batch)
     calls = []
 
     def counted():

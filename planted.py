@@ -6,7 +6,7 @@
 A synthetic model of frozen linear modules y_i = x_i W0_iᵀ (random W0, `dim` x `dim`) whose targets
 come from W0_i + ΔW*_i, with ΔW*_i of a known rank per module (PLANTED: some zero), anisotropic inputs
 (the input variance along dimension k falls as 1/k) and Gaussian label noise. Each method trains its
-adapter on it at its default Config through train.train_step — the very step train.py runs, with its
+adapter on it at its default Config through training.train_step — the very step train.py runs, with its
 warmup + cosine schedule, clipping, and ALoRA's validation closure — and is then scored on fresh data:
 
 - loss: the test loss over that of ΔW = 0 (1.0: nothing learnt; the label noise is the floor),
@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import cli
 import methods
-import train
+import training
 
 PLANTED = (0, 0, 1, 2, 4, 4, 8, 8)  # the rank of the update each module needs
 
@@ -115,11 +115,10 @@ def run_method(name, problem, steps=150, batch_size=64, lr=1e-3):
     model.train()
     start_rank = sum(method.ranks(model).values())
     opt = torch.optim.AdamW(method.param_groups(model, lr, 0.0), lr=lr)
-    schedule = argparse.Namespace(steps=steps, warmup=max(1, steps // 20), schedule="cosine")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.lr_lambda(schedule))
-    val_loss = train.val_closure(model, problem.batch(256, "val"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(max(1, steps // 20), steps, "cosine"))
+    val_loss = training.val_closure(model, problem.batch(256, "val"))
     for step in range(1, steps + 1):
-        train.train_step(model, method, opt, sched, [problem.batch(batch_size, "train", step)], step, steps,
+        training.train_step(model, method, opt, sched, [problem.batch(batch_size, "train", step)], step, steps,
                          val_loss=val_loss)
     model.eval()
     with torch.no_grad():

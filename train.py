@@ -18,12 +18,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shlex
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
@@ -36,80 +34,37 @@ import data
 import files
 import methods
 import models
+import training
 
 
 # ----------------------------------------------------------------------------- command line
 
-def add_config_flags(parser, config_cls):
-    """One flag per dataclass field; the type comes from the annotation, the default from the field."""
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help="(default: %(default)s)")
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x),
-                                default=f.default, metavar="A,B,...", help=f"(default: {','.join(f.default)})")
-        else:
-            kind = args[0] if args else hint  # `int | None` -> int
-            parser.add_argument(flag, type=kind, default=f.default, help="(default: %(default)s)")
-
-
 def parse_args(argv):
+    """(the run's settings, the method's module, its Config, every setting's default for this run:
+    training.defaults, which the recipe compares with) from the command line. A setting whose
+    default follows others (the prompt, the warmup, --out) is filled in by training.resolved."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="lora")
     known, _ = pre.parse_known_args(argv)
     method = methods.get(known.method)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="lora", choices=methods.NAMES)
-    p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", default=None, help="a .json/.jsonl file of LLM-Adapters records, "
-                        '{"messages": [...]} chats or {"text": ...} texts, or a directory holding train.json '
-                        "(default: the built-in task)")
-    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py)")
-    p.add_argument("--limit", type=int, default=None, help="train on a seeded sample of N examples per set "
-                   "(per task with --task commonsense; chunks with --task shakespeare)")
-    p.add_argument("--prompt", choices=data.PROMPTS, default=None, help="prompt template (default: chat for "
-                   "the built-in task, LLM-Adapters' alpaca for --data and --task commonsense)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (all micro-batches)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped "
-                   "(texts are cut into chunks of this length)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    p.add_argument("--val-size", type=int, default=16, help="held-out examples for methods that score on them")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default: out/METHOD)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32", help="the frozen base's dtype; "
-                   "the adapter stays float32 (auto: bf16 where the hardware runs it fast; fp16: CUDA only)")
-    group = p.add_argument_group(f"{known.method} method flags")
-    add_config_flags(group, method.Config)
-    args = p.parse_args(argv)
-    cfg_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(method.Config)}
+    training.add_flags(p, training.RunConfig)
+    training.add_flags(p.add_argument_group(f"{known.method} method flags"), method.Config)
+    flags = p.parse_args(argv)
+    args = training.RunConfig(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(training.RunConfig)})
+    cfg_kwargs = {f.name: getattr(flags, f.name) for f in dataclasses.fields(method.Config)}
     cli.positive(args, "steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size", "lr", "limit")
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
     check_device(args.device)
-    args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
-    args.out = Path(args.out or f"out/{args.method}")
+    plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task))  # the prompt is recorded for eval.py
+    args = training.resolved(args, plain)
     if args.model and Path(args.model).exists() and files.overlaps(args.out, args.model):
         raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
                          "writes into a model's directory")
-    args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
-    return args, method, method.Config(**cfg_kwargs)
+    return args, method, method.Config(**cfg_kwargs), plain
 
 
 def check_device(name):
@@ -124,42 +79,7 @@ def check_device(name):
         raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
-NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}
-
-
-def recipe(args):
-    """The flags of this run that differ from their defaults, as one would type them: config.json's
-    "recipe", which the results table shows. A default that follows another flag (the prompt follows
-    --data and --task, the warmup --steps) is that of a run on the same data and of the same length."""
-    context = ["--method", args.method]
-    for key in ("data", "task"):
-        if getattr(args, key):
-            context += [f"--{key}", str(getattr(args, key))]
-    plain = vars(parse_args([*context, "--steps", str(args.steps)])[0])
-    plain["steps"] = parse_args(context)[0].steps
-    flags = []
-    for key, value in vars(args).items():
-        if key in NOT_RECIPE or value == plain[key]:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            text = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
-            flags.append(f"{flag} {text}")
-    return " ".join(flags)
-
-
 # ----------------------------------------------------------------------------- pieces of the run
-
-def lr_lambda(args):
-    def f(step):  # the multiplier of the base lr after `step` optimizer steps
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
-    return f
-
 
 def load_data(args, tok):
     data.need_tokenizer(tok)
@@ -171,79 +91,6 @@ def load_data(args, tok):
             raise data.DataError(f"{args.data or args.task} has {len(train)} usable examples: fewer than --val-size + 1")
         train, val = train[:-args.val_size], train[-args.val_size:]
     return train, data.collate(val)
-
-
-def val_closure(model, val_batch):
-    @torch.no_grad()
-    def val_loss():
-        was_training = model.training
-        model.eval()
-        loss = model.loss(*val_batch).item()
-        model.train(was_training)
-        return loss
-    return val_loss
-
-
-def method_state(model, base_buffers):
-    """Buffers the method added that are not in the adapter file: gates, EMAs, λ ... (its training state)."""
-    adapter = adapters.adapter_state(model)
-    return {k: v.detach().cpu().clone() for k, v in model.named_buffers()
-            if k not in base_buffers and k not in adapter}
-
-
-# what save_checkpoint writes (besides cuda_rng and scaler, which depend on the hardware) -> its type
-CHECKPOINT = {"adapter": dict, "method_state": dict, "optimizer": dict, "scheduler": dict, "step": int,
-              "rng": torch.Tensor, "train_args": dict, "model_config": dict}
-
-
-def save_checkpoint(path, model, opt, sched, step, base_buffers, run_args, scaler=None):
-    state = {"adapter": adapters.adapter_state(model), "method_state": method_state(model, base_buffers),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "train_args": run_args, "model_config": dataclasses.asdict(model.cfg)}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    if scaler:
-        state["scaler"] = scaler.state_dict()
-    files.atomic_write(path, lambda p: torch.save(state, p))
-
-
-def load_checkpoint(path, model, opt, sched, run_args, base_buffers, scaler=None):
-    """Restore everything save_checkpoint wrote, once it is checked to be what this run would have
-    written: its keys and types, its flags, its model, the adapter's tensors and the method's own
-    buffers (no others: a base weight is never written from a checkpoint). Returns its step."""
-    try:
-        state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
-        wrong = sorted(k for k, kind in CHECKPOINT.items() if not isinstance(state.get(k), kind))
-    except Exception as e:
-        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}): delete it to start over") from None
-    if wrong or not 0 < state["step"] < run_args["steps"]:
-        raise ValueError(f"{path} is not a checkpoint of this run ({', '.join(wrong) or 'step'} missing or "
-                         "wrong): delete it to start over")
-    saved_args = state["train_args"]
-    changed = sorted(k for k in run_args.keys() | saved_args.keys() if run_args.get(k) != saved_args.get(k))
-    if changed:
-        raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): "
-                         "resume with the same flags or choose another --out")
-    if state["model_config"] != dataclasses.asdict(model.cfg):
-        raise ValueError(f"{path} was written for another model than {run_args['model'] or 'the default'}: "
-                         "resume with the model the run started with")
-    adapters.check_tensors(state["adapter"], adapters.adapter_state(model), f"{path} (adapter)")
-    adapters.check_tensors(state["method_state"], method_state(model, base_buffers), f"{path} (method state)")
-    try:
-        model.load_state_dict(state["adapter"], strict=False)
-        for k, v in state["method_state"].items():
-            mod, _, attr = k.rpartition(".")
-            getattr(model.get_submodule(mod), attr).copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if scaler and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
-    except Exception as e:  # checked above as far as a file can be; what is left is the optimizer's to judge
-        raise ValueError(f"{path} does not fit this run ({type(e).__name__}): delete it to start over") from None
-    return state["step"]
 
 
 def trim_log(path, step):
@@ -269,12 +116,6 @@ def log_step(line):
     except (ValueError, AttributeError, RecursionError):
         return None
     return step if type(step) is int else None
-
-
-def resume_args(args):
-    """The flags a resumed run must share with the run it continues."""
-    skip = {"resume", "out", "log_every", "save_every", "device"}
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
 
 
 def interrupted(argv=None):
@@ -306,23 +147,6 @@ def init_distributed(device):
     return rank, world, device
 
 
-def all_sum(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def reduce_grads(params, world):
-    """Sum the adapter's gradients across processes in one flat buffer (the base has none)."""
-    if world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for g, r in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(r.view_as(g))
-
-
 def to_device(t, device):
     """To a GPU through pinned memory, so the copy does not wait for the host; elsewhere as is."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -339,53 +163,6 @@ def step_batches(train_set, args, step, rank, world, device):
         width = int((y != -100).nonzero()[:, 1].max()) + 1  # this share's padding-only columns go
         out.append((to_device(x[:, :width], device), to_device(y[:, :width], device)))
     return out
-
-
-def train_step(model, method, opt, sched, batches, step, total_steps, clip=1.0, val_loss=None, world=1, scaler=None):
-    """One optimizer step over this process's micro-batches [(x, y), ...], every method hook in the
-    order each method file's Usage block states: forward, task loss + extra_loss, backward,
-    after_backward (raw gradients), clip, optimizer.step, after_step, scheduler.step. `step` counts
-    from 1 to total_steps. With fp16, `scaler` (a GradScaler) scales the loss; the gradients are
-    unscaled before the hooks see them, and a step whose gradients overflowed runs no hook at all.
-    Returns ((the step's task loss, its penalty: the sum of extra_loss), the figures after_step
-    reports): the two apart, so a regulariser does not pass for a worse fit. bench.py times this very
-    function."""
-    trainable = [p for g in opt.param_groups for p in g["params"]]
-    # every target token of the global batch weighs the same, however the batch is split
-    n_targets = all_sum(sum((y != -100).sum() for _, y in batches).float(), world)
-    losses = torch.zeros(2, device=n_targets.device)  # (task, penalty), summed over micro-batches
-    for x, y in batches:
-        task = model.loss(x, y) * ((y != -100).sum() / n_targets)
-        penalty = method.extra_loss(model) / (len(batches) * world)
-        loss = task + penalty
-        (scaler.scale(loss) if scaler else loss).backward()
-        losses += torch.stack([task.detach(), penalty.detach().float()])
-    task_loss, penalty = all_sum(losses, world).tolist()
-    if not math.isfinite(task_loss + penalty):
-        raise FloatingPointError(f"the loss became {task_loss + penalty} at step {step}: lower --lr "
-                                 "(the last checkpoint, if any, is kept)")
-    reduce_grads(trainable, world)
-    if scaler:
-        scaler.unscale_(opt)
-    # an fp16 overflow: scaler.step skips the update and shrinks the scale; no hook may see the inf
-    # (AdaLoRA's EMAs would turn NaN for good)
-    overflow = scaler is not None and not all(p.grad is None or p.grad.isfinite().all() for p in trainable)
-    if not overflow:
-        method.after_backward(model, step, total_steps)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(trainable, clip)
-    if scaler:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    if not all(p.isfinite().all() for p in trainable):  # a finite loss can still step into inf
-        raise FloatingPointError(f"the adapter's weights became non-finite at step {step}: lower --lr "
-                                 "(the last checkpoint, if any, is kept)")
-    figures = {} if overflow else method.after_step(model, opt, step, total_steps, val_loss=val_loss)
-    sched.step()  # after after_step, which reads the lr this step used
-    opt.zero_grad(set_to_none=True)
-    return (task_loss, penalty), figures
 
 
 def scalars(figures):
@@ -416,32 +193,33 @@ def next_commands(args):
 def main(argv=None):
     """The run, with --out held by process 0 from the first check of what it holds to the last write
     (every process checks: they all see the same files, and none has written yet)."""
-    args, method, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    args, method, cfg, plain = parse_args(sys.argv[1:] if argv is None else argv)
     first = int(os.environ.get("RANK", 0)) == 0
     with files.hold(args.out) if first else contextlib.nullcontext():
         finished = files.check_out(args.out, args.resume)
         if finished is None:
-            return train(args, method, cfg)
+            return train(args, method, cfg, plain)
         if first:
             print(f"{args.out} holds a finished run: nothing to resume")
         return finished
 
 
-def train(args, method, cfg):
+def train(args, method, cfg, plain):
     rank, world, device = init_distributed(args.device)
     if (args.batch_size // args.grad_accum) % world:
         raise ValueError(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} examples per "
                          f"micro-batch do not split evenly over {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)  # process 0 speaks for all
     dtype, why = models.pick_dtype(args.dtype, device)
-    args.dtype = next(k for k, v in models.DTYPES.items() if v == dtype)  # recorded (and resumed) as resolved
+    args = dataclasses.replace(args, dtype=next(k for k, v in models.DTYPES.items() if v == dtype))  # recorded
+    # (and resumed) as resolved
     if world > 1:  # auto measures per process: process 0's choice holds for all
         choice = torch.tensor([list(models.DTYPES).index(args.dtype)], device=device)
         dist.broadcast(choice, 0)
-        args.dtype = list(models.DTYPES)[int(choice)]
+        args = dataclasses.replace(args, dtype=list(models.DTYPES)[int(choice)])
         dtype = models.DTYPES[args.dtype]
     say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
-    ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
+    ckpt, settings = args.out / "checkpoint.pt", training.fixed(args, cfg)
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = models.load(args.model, dtype)
@@ -462,15 +240,15 @@ def train(args, method, cfg):
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
 
     opt = torch.optim.AdamW(method.param_groups(model, args.lr, args.weight_decay), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(args.warmup, args.steps, args.schedule))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    val_loss = val_closure(model, val_batch)
-    start = load_checkpoint(ckpt, model, opt, sched, run_args, base_buffers, scaler) if args.resume and ckpt.exists() else 0
+    val_loss = training.val_closure(model, val_batch)
+    start = (training.load_checkpoint(ckpt, model, opt, sched, base_buffers, settings, scaler)
+             if args.resume and ckpt.exists() else 0)
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
-            "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "recipe": recipe(args)}
+            "train_args": training.recorded(args), "recipe": training.recipe(args, cfg, plain)}
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         if start:
@@ -481,8 +259,8 @@ def train(args, method, cfg):
     for step in range(start + 1, args.steps + 1):
         batches = step_batches(train_set, args, step, rank, world, device)
         lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
-        (task_loss, penalty), figures = train_step(model, method, opt, sched, batches, step, args.steps, args.clip,
-                                                   val_loss, world, scaler)
+        (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
+                                                            clip=args.clip, val_loss=val_loss, world=world, scaler=scaler)
         tokens += sum(x.numel() for x, _ in batches) * world
 
         loss_avg = task_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * task_loss
@@ -503,7 +281,7 @@ def train(args, method, cfg):
                 + (f" | {extra}" if extra else ""), flush=True)
         if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
             adapters.save_adapter(model, args.out, args.method, cfg, **info)
-            save_checkpoint(ckpt, model, opt, sched, step, base_buffers, run_args, scaler)
+            training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, step, scaler)
 
     model.eval()
     ranks = method.ranks(model)

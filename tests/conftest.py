@@ -76,8 +76,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def drive(method, model, steps=3, lr=1e-2, seed=0):
-    """A few train.train_step steps on random tokens (constant lr); returns after_step's figures per step."""
-    import train
+    """A few training.train_step steps on random tokens (constant lr); returns after_step's figures per step."""
+    import training
 
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -86,7 +86,7 @@ def drive(method, model, steps=3, lr=1e-2, seed=0):
     figures = []
     for step in range(1, steps + 1):
         x = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=g)
-        figures.append(train.train_step(model, method, opt, sched, [(x[:, :-1], x[:, 1:])], step, steps)[1])
+        figures.append(training.train_step(model, method, opt, sched, [(x[:, :-1], x[:, 1:])], step, steps)[1])
     model.eval()
     return figures
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 import adapters
-from train import train_step
+from training import train_step
 from methods import adalora
 from conftest import tiny_gpt, tiny_llama
 from models import Llama
@@ -22,7 +22,7 @@ def batch(seed=0, B=2, T=8, vocab=97):
 
 
 def train(model, cfg, total_steps, lr=1e-2, seed=0):
-    """train.train_step at a constant lr; return the model, after_step's figures and the mask of all
+    """training.train_step at a constant lr; return the model, after_step's figures and the mask of all
     triplets after each step."""
     adalora.apply(model, cfg)
     model.train()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adapters
-import train
+import training
 from methods import alora
 from conftest import tiny_gpt, tiny_llama
 
@@ -217,7 +217,7 @@ def test_schedule(total, k1, k2):
 
 
 def test_only_adapter_trains_and_ranks_move(tiny_model):
-    """train.train_step with a validation closure: base bit-identical, budget kept, ranks change."""
+    """training.train_step with a validation closure: base bit-identical, budget kept, ranks change."""
     torch.manual_seed(0)
     cfg = alora.Config(r=3, rmax=12, dropout=0.05)
     model = alora.apply(tiny_model, cfg)
@@ -230,7 +230,7 @@ def test_only_adapter_trains_and_ranks_move(tiny_model):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     total, rounds = 20, []
     for step in range(1, total + 1):
-        _, figures = train.train_step(model, alora, opt, sched, [(x, y)], step, total, val_loss=val_loss)
+        _, figures = training.train_step(model, alora, opt, sched, [(x, y)], step, total, val_loss=val_loss)
         if figures:
             rounds.append(figures)
             assert figures["live_rank"] == 3 * len(alora.layers(model))

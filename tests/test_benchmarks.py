@@ -17,6 +17,7 @@ import data
 import eval as evaluate
 import files
 import train
+from helpers import run
 
 FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "512", "--val-size", "2", "--log-every", "1"]
 
@@ -283,9 +284,7 @@ def test_chunks_train_on_every_token(tiny_checkpoint, cache):
 
 
 def test_bad_benchmark_input_is_one_line_and_exit_2(tmp_path, tiny_checkpoint):
-    from test_train import cli
-
-    r = cli("eval.py", "--model", str(tiny_checkpoint), "--data", str(tmp_path))
+    r = run("eval.py", "--model", str(tiny_checkpoint), "--data", str(tmp_path))
     assert r.returncode == 2 and "has no test_<set>.json files" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 

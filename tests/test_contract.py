@@ -1,7 +1,7 @@
 """The method contract, tested once for every method on four tiny random models: this library's
 Llama and GPT-2, and transformers' LlamaForCausalLM and GPT2LMHeadModel (GPT-2's Conv1D layers
 adapted as they are); transformers' Mistral and Qwen2 layouts take the default targets too.
-Training is train.train_step itself. What is specific to one method lives in its own test file."""
+Training is training.train_step itself. What is specific to one method lives in its own test file."""
 import ast
 import copy
 import functools
@@ -20,16 +20,12 @@ from hypothesis import strategies as st
 
 import adapters
 import methods
-import train
-from bench import HFLoss as HFCausalLM  # a transformers LM with our loss(x, y)
+import training
 from conftest import tiny_gpt, tiny_llama
+from helpers import CONFIGS, ROOT, STEPS, batch, run_steps
+from training import HFLoss as HFCausalLM  # a transformers LM with our loss(x, y)
 
-ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "gpt", "hf_llama", "hf_gpt")
-STEPS = 4
-# small adapters on 32-wide models; Mo-SARA with one head, the only one that merges
-CONFIGS = {"lora": {"r": 4}, "sara": {"threshold": 0.2}, "mosara": {"heads": 1}, "sora": {"rmax": 6, "lam": 0.5},
-           "adalora": {"init_r": 6, "target_r": 4}, "alora": {"r": 4}, "salora": {"rmax": 6}}
 
 
 def hf_llama(seed=0):
@@ -52,11 +48,6 @@ MAKE = {"llama": tiny_llama, "gpt": tiny_gpt, "hf_llama": hf_llama, "hf_gpt": hf
 CASES = [(name, family) for name in methods.NAMES for family in FAMILIES]
 
 
-def batch(seed, n=4, t=12):
-    x = torch.randint(2, 97, (n, t), generator=torch.Generator().manual_seed(seed))
-    return x[:, :-1], x[:, 1:]
-
-
 def adapted(name, family, seed=0):
     model = MAKE[family](seed)
     method = methods.get(name)
@@ -64,18 +55,6 @@ def adapted(name, family, seed=0):
     torch.manual_seed(seed)
     method.apply(model, cfg)
     return model, method, cfg
-
-
-def run_steps(model, method, steps=STEPS, seed=0):
-    """train.train_step `steps` times, with a cosine schedule and the validation closure ALoRA needs."""
-    opt = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.01))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
-    val_loss = train.val_closure(model, batch(seed + 100))
-    model.train()
-    for step in range(1, steps + 1):
-        train.train_step(model, method, opt, sched, [batch(seed + step)], step, steps, val_loss=val_loss)
-    model.eval()
-    return opt
 
 
 @functools.cache
@@ -259,8 +238,8 @@ def test_train_step_reports_the_task_loss_and_the_penalty_apart(name):
         task, penalty = model.loss(x, y).item(), method.extra_loss(model).item()
     opt = torch.optim.AdamW(method.param_groups(model, 1e-3, 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    (got_task, got_penalty), _ = train.train_step(model, method, opt, sched, [(x, y)], 1, STEPS,
-                                                  val_loss=train.val_closure(model, (x, y)))
+    (got_task, got_penalty), _ = training.train_step(model, method, opt, sched, [(x, y)], 1, STEPS,
+                                                  val_loss=training.val_closure(model, (x, y)))
     assert got_task == pytest.approx(task, rel=1e-6) and got_penalty == pytest.approx(penalty, rel=1e-6, abs=1e-9)
     assert (penalty > 0) == (name in ("adalora", "salora"))  # the two with a regulariser at init
 

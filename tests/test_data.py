@@ -319,32 +319,6 @@ def test_train_py_takes_chat_and_text_jsonl(tmp_path, tiny_checkpoint, kind):
     assert encoded == want
 
 
-def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
-    """On a template with {% generation %} blocks, the tokens this library learns are exactly those
-    transformers' return_assistant_tokens_mask marks."""
-    from hypothesis import given as given_, settings as settings_
-    from transformers import AutoTokenizer
-
-    from test_tokenizer import TEMPLATES, alternating, save_trained
-    from models import tokenizer as mtok
-
-    path = save_trained(tmp_path, "bytelevel")
-    theirs = AutoTokenizer.from_pretrained(path)
-    theirs.chat_template = TEMPLATES["generation"]
-    theirs.save_pretrained(path)
-    ours = mtok.from_hf_dir(path)
-
-    @settings_(max_examples=40, deadline=None)
-    @given_(msgs=alternating().map(lambda m: m[:-1]))  # ends with an assistant turn
-    def check(msgs):
-        out = theirs.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, targets = data.encode_chat(ours, data.Chat(tuple(msgs)), 10_000)
-        assert ids == out["input_ids"][:-1]
-        assert [0] + [int(t != -100) for t in targets] == out["assistant_masks"]
-
-    check()
-
-
 def test_train_py_on_a_template_that_fails_as_it_renders_says_so_in_one_line(tmp_path, tiny_checkpoint):
     import shutil
     import subprocess

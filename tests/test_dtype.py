@@ -14,11 +14,11 @@ import export
 import methods
 import models
 import train
+import training
 from conftest import tiny_gpt, tiny_llama
-from test_contract import CONFIGS, batch, run_steps
+from helpers import CONFIGS, FAST, ROOT, batch, run_steps
 
 BF16 = torch.bfloat16
-FAST = ["--batch-size", "2", "--seq-len", "512", "--log-every", "5", "--val-size", "2"]
 
 
 def bf16_model(family):
@@ -128,7 +128,6 @@ def test_auto_measures_this_machine_and_says_why():
 def test_fp16_on_a_cpu_is_one_sentence_and_exit_2(tiny_checkpoint, tmp_path):
     import subprocess
     import sys
-    from test_reliability import ROOT
     r = subprocess.run([sys.executable, "train.py", "--model", str(tiny_checkpoint), "--dtype", "fp16",
                         "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "fp16 needs a CUDA device" in r.stderr
@@ -155,9 +154,9 @@ def test_the_gradient_scaler_path_unscales_before_the_hooks():
     try:
         model.train(), twin.train()
         torch.manual_seed(0)  # the same dropout masks for both
-        train.train_step(model, method, opt, sched, [batch(1)], 1, 4, scaler=scaler)
+        training.train_step(model, method, opt, sched, [batch(1)], 1, 4, scaler=scaler)
         torch.manual_seed(0)
-        train.train_step(twin, method, opt2, sched2, [batch(1)], 1, 4)
+        training.train_step(twin, method, opt2, sched2, [batch(1)], 1, 4)
     finally:
         method.after_backward = real
     assert seen[0] == pytest.approx(seen[1], rel=1e-4)  # the hooks see true gradients, not scaled ones
@@ -202,7 +201,7 @@ def test_an_overflowed_fp16_step_is_skipped_whole_and_no_hook_sees_inf(monkeypat
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # the scaled loss overflows float32
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    loss, figures = train.train_step(model, method, opt, sched, [batch(1)], 1, 4, scaler=scaler)
+    loss, figures = training.train_step(model, method, opt, sched, [batch(1)], 1, 4, scaler=scaler)
     assert figures == {} and calls == [] and scaler.get_scale() < 2.0 ** 127
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert all(torch.isfinite(b).all() for b in model.buffers())

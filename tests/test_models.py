@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import checkpoints as ck
 import models
 from conftest import tiny_gpt, tiny_llama
+from helpers import Exploit
 
 # unusual eps and theta, so a loader that ignores the config's values gives different logits
 LLAMA_KW = dict(vocab_size=ck.VOCAB_SIZE, hidden_dim=64, norm_eps=1e-6, rope_theta=5000.0)
@@ -141,20 +142,12 @@ def test_hf_llama_pytorch_bin_loads(tmp_path):
     assert torch.equal(model(x), ref(x))
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pytorch_bin_is_never_unpickled(tmp_path):
     """A .bin holding an arbitrary object is refused (weights_only), and its code never runs."""
     ref = tiny_llama(seed=0, **LLAMA_KW)
     marker = tmp_path / "pwned"
     sd = ck.llama_hf_tensors(ref)
-    sd["evil"] = _Exploit(str(marker))
+    sd["evil"] = Exploit(str(marker))
     ck.write_bin_dir(tmp_path, ck.llama_hf_config(ref.cfg), sd)
     with pytest.raises(models.LoadError) as e:
         models.load(tmp_path)

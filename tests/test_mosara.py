@@ -61,7 +61,7 @@ def randomise(model, seed=0, keep_v=False):
 
 
 def train_steps(model, steps=3, lr=3e-2, seed=0):
-    """A few steps of train.train_step; the method logs nothing."""
+    """A few steps of training.train_step; the method logs nothing."""
     assert all(f == {} for f in drive(mosara, model, steps, lr, seed))
     return model
 

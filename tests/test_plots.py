@@ -1,4 +1,5 @@
 """eval.py --plot and --markdown (plots.py) on adapters trained for a few steps on a tiny checkpoint."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -16,7 +17,8 @@ import methods
 import models
 import plots
 import train
-from test_train import FAST, ROOT
+import training
+from helpers import FAST, ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHORT = [*FAST, "--steps", "6", "--log-every", "2"]  # every ALoRA, AdaLoRA, SoRA figure still happens
@@ -172,10 +174,10 @@ def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     flags = meta["recipe"]
     assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --r 4"
     assert plots.run_facts(runs["lora"], meta)["flags"] == flags  # the table shows what train.py recorded
-    args, _, cfg = train.parse_args(["--method", "lora", *flags.split()])
+    args, _, cfg, _ = train.parse_args(["--method", "lora", *flags.split()])
     assert adapters.config_from_dict(methods.get("lora"), meta["config"]) == cfg
-    same = set(vars(args)) - train.NOT_RECIPE - set(meta["config"])
-    assert {k: meta["train_args"][k] for k in same} == {k: vars(args)[k] for k in same}
+    same = {f.name for f in dataclasses.fields(args) if f.metadata["recipe"]}
+    assert {k: meta["train_args"][k] for k in same} == {k: getattr(args, k) for k in same}
     assert adapters.read_config(runs["sora"])["recipe"] == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
 
 
@@ -187,8 +189,8 @@ def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     (["--method", "alora", "--r", "4"], None, "--r 4"),  # rmax follows r: not a flag of its own
 ])
 def test_the_recipe_holds_only_flags_that_are_not_defaults_for_this_data_and_length(data_flags, prompt, shown):
-    args, _, _ = train.parse_args(["--method", "lora", *data_flags, *(["--prompt", prompt] if prompt else [])])
-    assert train.recipe(args) == shown
+    args, _, cfg, plain = train.parse_args(["--method", "lora", *data_flags, *(["--prompt", prompt] if prompt else [])])
+    assert training.recipe(args, cfg, plain) == shown
 
 
 @pytest.mark.parametrize("bench", ["builtin", "math", "commonsense", "shakespeare"])
@@ -211,8 +213,8 @@ def test_results_sh_gives_the_clis_flags_they_accept(bench, tmp_path):
         train.parse_args(argv[1:])
     assert last[0] == "eval.py"
     at = last.index("--adapter")
-    adapters = last[at + 1:at + 1 + len(trains)]
-    assert adapters == [argv[argv.index("--out") + 1] for argv in trains]
+    dirs = last[at + 1:at + 1 + len(trains)]
+    assert dirs == [argv[argv.index("--out") + 1] for argv in trains]
     evaluate.parse_args(last[1:at] + last[at + 1 + len(trains):])
 
 

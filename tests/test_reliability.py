@@ -1,17 +1,15 @@
 """Reliability: resumable runs for every method (SIGKILL included), NaN stops, untrusted files, fuzzed
 loaders, one-sentence errors, and torchrun data parallel equal to one process."""
 import json
-import os
 import signal
 import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 from safetensors.torch import load_file
 
 import adapters
@@ -21,24 +19,7 @@ import methods
 import models
 import train
 from conftest import interrupt_lora_run
-from test_models import _Exploit
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch-size", "2", "--seq-len", "512", "--log-every", "5", "--val-size", "2"]
-
-
-def run(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def adapters_equal(a, b):
-    a, b = load_file(Path(a) / "adapter.safetensors"), load_file(Path(b) / "adapter.safetensors")
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def snapshot(d):
-    return {p.name: p.read_bytes() for p in Path(d).iterdir()}
+from helpers import FAST, FUZZ, ROOT, Exploit, adapters_equal, run, snapshot
 
 
 # ----------------------------------------------------------------------------- nothing lost
@@ -123,13 +104,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_checkpoint, monkey
 def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path, tiny_checkpoint):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     out.mkdir()
-    torch.save({"step": 1, "evil": _Exploit(str(marker))}, out / "checkpoint.pt")
+    torch.save({"step": 1, "evil": Exploit(str(marker))}, out / "checkpoint.pt")
     r = run("train.py", "--model", str(tiny_checkpoint), *FAST, "--steps", "5", "--out", str(out), "--resume")
     assert r.returncode == 2 and "cannot read the checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
 
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
                     max_leaves=12)

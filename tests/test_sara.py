@@ -61,7 +61,7 @@ def randomise(model, seed=0):
 
 
 def train_steps(model, cfg, steps=3, lr=1e-2, seed=0):
-    """A few steps of train.train_step; the method logs nothing."""
+    """A few steps of training.train_step; the method logs nothing."""
     assert all(f == {} for f in drive(sara, model, steps, lr, seed))
     return model
 

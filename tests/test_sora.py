@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adapters
-from train import train_step
+from training import train_step
 from conftest import tiny_gpt, tiny_llama
 from methods import sora
 
@@ -36,7 +36,7 @@ def random_layer(seed, in_f, out_f, rmax, zeros):
 
 
 def train(model, cfg, steps, lr=1e-2, weight_decay=0.1, seed=0):
-    """A few steps of train.train_step (warmup + cosine per group, clipping, the hooks in order)."""
+    """A few steps of training.train_step (warmup + cosine per group, clipping, the hooks in order)."""
     opt = torch.optim.AdamW(sora.param_groups(model, lr, weight_decay))
     warm = 2
     sched = torch.optim.lr_scheduler.LambdaLR(

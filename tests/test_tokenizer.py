@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoints as ck
+import data
 import models
 from conftest import tiny_llama
 from models import tokenizer as tok
@@ -498,3 +499,25 @@ def test_without_jinja2_a_template_falls_back_to_chatml_or_says_what_to_install(
     with pytest.raises(ValueError, match="needs jinja2: pip install jinja2"):
         tok.from_gguf(gguf_fields(template=TEMPLATES["zephyr"])).prompt("hi")  # no built-in format
     tok.compile_template.cache_clear()
+
+
+def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
+    """On a template with {% generation %} blocks, the tokens this library learns are exactly those
+    transformers' return_assistant_tokens_mask marks."""
+    from transformers import AutoTokenizer
+
+    path = save_trained(tmp_path, "bytelevel")
+    theirs = AutoTokenizer.from_pretrained(path)
+    theirs.chat_template = TEMPLATES["generation"]
+    theirs.save_pretrained(path)
+    ours = tok.from_hf_dir(path)
+
+    @settings(max_examples=40, deadline=None)
+    @given(msgs=alternating().map(lambda m: m[:-1]))  # ends with an assistant turn
+    def check(msgs):
+        out = theirs.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, targets = data.encode_chat(ours, data.Chat(tuple(msgs)), 10_000)
+        assert ids == out["input_ids"][:-1]
+        assert [0] + [int(t != -100) for t in targets] == out["assistant_masks"]
+
+    check()

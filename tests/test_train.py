@@ -1,8 +1,5 @@
 """train.py and eval.py end to end on a tiny checkpoint, for every method; the CLI's errors."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +9,15 @@ import eval as evaluate
 import methods
 import models
 import train
+from helpers import FAST, run
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "24", "--batch-size", "2", "--seq-len", "512", "--log-every", "5", "--val-size", "2"]
+SHORT = ["--steps", "24", *FAST]
 
 
 @pytest.mark.parametrize("name", methods.NAMES)
 def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
     out = tmp_path / name
-    summary = train.main(["--method", name, "--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    summary = train.main(["--method", name, "--model", str(tiny_checkpoint), "--out", str(out), *SHORT])
     for f in ("adapter.safetensors", "config.json", "log.jsonl", "summary.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -48,7 +45,7 @@ def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
 def test_resume_continues_to_the_same_adapter(tmp_path, tiny_checkpoint, monkeypatch):
     from safetensors.torch import load_file
 
-    args = ["--method", "lora", "--model", str(tiny_checkpoint), *FAST, "--steps", "10", "--save-every", "4"]
+    args = ["--method", "lora", "--model", str(tiny_checkpoint), *SHORT, "--steps", "10", "--save-every", "4"]
     train.main([*args, "--out", str(tmp_path / "full")])
     assert not (tmp_path / "full" / "checkpoint.pt").exists()  # removed once the run completes
 
@@ -76,10 +73,6 @@ def test_eval_perplexity_of_a_text_file(tmp_path, tiny_checkpoint):
     assert 1 < rows[0]["perplexity"] < 1000  # a random 259-token model: near uniform
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("args,message", [
     (["train.py", "--method", "nope"], "unknown method"),
     (["train.py", "--method", "lora", "--r", "0"], "r must be positive"),
@@ -88,7 +81,7 @@ def cli(*args):
     (["eval.py", "--adapter", "/no/such/adapter"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
-    r = cli(*args)
+    r = run(*args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -96,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_the_run_ends_with_its_validation_loss_and_the_commands_to_use_it(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "run"
-    summary = train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    summary = train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--out", str(out), *SHORT])
     lines = capsys.readouterr().out.strip().splitlines()
     assert all(" | val loss " in line for line in lines if line.startswith("step "))
     assert f"val loss {summary['val_loss']:.4f}" in lines[-2]
