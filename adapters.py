@@ -31,8 +31,6 @@ PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocat
                     "exclude_modules", "target_parameters")
 # recorded train.py metadata (config.json) that eval.py and plots.py read: name -> the types it may have
 META_TYPES = {"base_model": str, "model_config": dict, "train_args": dict, "recipe": str}
-# Config fields that size the tensors apply() allocates: bounded by the tensors a file holds first
-SIZE_FIELDS = ("r", "rmax", "init_r", "heads")
 
 
 class AdapterError(Exception):
@@ -135,8 +133,8 @@ def load_adapter(model, adapter_dir):
         method = methods.get(meta["method"])
         cfg = config_from_dict(method, meta["config"])
         largest = max((n for t in saved.values() for n in t.shape), default=0)
-        for name in SIZE_FIELDS:  # before apply() allocates what the config asks for
-            if getattr(cfg, name, 0) > largest:
+        for name in method.SIZE_FIELDS:  # before apply() allocates what the config asks for
+            if getattr(cfg, name) > largest:
                 raise ValueError(f"{name} = {getattr(cfg, name)} is larger than any tensor of {path.name}")
         method.apply(model, cfg)
     except (ValueError, TypeError) as e:

@@ -136,10 +136,9 @@ def with_adapter(base, adapter_dir):
     trainable count; its config.json)."""
     model, meta = adapters.load_adapter(copy.deepcopy(base), adapter_dir)
     trainable = sum(t.numel() for k, t in model.named_parameters() if "lora_" in k)
-    try:
-        methods.get(meta["method"]).merge(model)
-    except ValueError:  # input-dependent adapters (Mo-SARA with several heads) stay unmerged
-        pass
+    method = methods.get(meta["method"])
+    if method.can_merge(model) is None:  # an input-dependent adapter (Mo-SARA with several heads) runs unmerged
+        method.merge(model)
     return model.eval(), trainable, meta
 
 

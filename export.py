@@ -104,12 +104,15 @@ def main(argv=None):
     if args.adapter:
         model, meta = adapters.load_adapter(model, args.adapter)
         method = methods.get(meta["method"])
+        reason = method.can_merge(model)  # Mo-SARA with several heads has no ΔW to export
+        if reason:
+            raise ValueError(f"{args.adapter}: {reason}; it cannot be exported as --format {args.format}")
     if args.format == "peft":
-        factors = method.to_lora(model)  # Mo-SARA with several heads refuses here (ValueError)
+        factors = method.to_lora(model)
         files.write_dir(args.out, lambda tmp: adapters.write_peft(tmp, model, factors, base_name(args)))
     else:
         if method is not None:
-            method.merge(model)  # the same refusal for Mo-SARA
+            method.merge(model)
         files.write_dir(args.out, lambda tmp: write_hf(tmp, model, args.model))
     print(f"wrote {args.out} ({args.format})")
 

@@ -144,7 +144,7 @@ def draw(rows, planted, path):
     import plots
     plt = plots.pyplot()
     grid = [list(planted)] + [r["ranks"] for r in rows]
-    names = ["planted"] + [plots.NAMES[r["method"]] for r in rows]
+    names = ["planted"] + [methods.get(r["method"]).TITLE for r in rows]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(planted), 0.8 + 0.4 * len(grid)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i, row in enumerate(grid):

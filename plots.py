@@ -21,8 +21,6 @@ import files
 import methods
 
 MATPLOTLIB = "matplotlib==3.11.2"
-NAMES = {"lora": "LoRA", "sara": "SARA", "mosara": "Mo-SARA", "sora": "SoRA", "adalora": "AdaLoRA",
-         "alora": "ALoRA", "salora": "SaLoRA"}
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.5)  # SARA's sweep (its paper's Fig. 2), plus the adapter's own
 ROUTER_EXAMPLES = 8
 
@@ -239,9 +237,14 @@ def curves(lines, title, ylabel, path, log_y=False, smooth=1):
 
 # ----------------------------------------------------------------------------- every figure
 
+def title(method):
+    """The method's name as its paper writes it (its file's TITLE); a name the registry lacks as it is."""
+    return methods.get(method).TITLE if method in methods.NAMES else method
+
+
 def label(name, method):
     """The adapter's directory name with its method, or the method alone where they agree."""
-    pretty = NAMES.get(method, method)
+    pretty = title(method)
     return pretty if name == method else f"{name} ({pretty})"
 
 
@@ -348,7 +351,7 @@ def markdown_table(rows):
 
     for group in by_recipe(rows):
         row = group[0]
-        name = "base model" if row["method"] == "base" else NAMES.get(row["method"], row["method"])
+        name = "base model" if row["method"] == "base" else title(row["method"])
         if row["flags"]:
             name += f" `{row['flags']}`"
         if len(group) > 1:

@@ -59,7 +59,7 @@ def parse_args(argv):
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
     check_device(args.device)
-    plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task))  # the prompt is recorded for eval.py
+    plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task))  # reads --data once
     args = training.resolved(args, plain)
     if args.model and Path(args.model).exists() and files.overlaps(args.out, args.model):
         raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
@@ -173,11 +173,9 @@ def scalars(figures):
 def live_params(method, model, n_trainable):
     """The adapter's numbers still in use at the end: those of its LoRA form, without the ranks it
     switched off; a method with no LoRA form (Mo-SARA with several heads) uses all it trained."""
-    try:
-        pairs = method.to_lora(model)
-    except ValueError:
+    if method.can_merge(model) is not None:
         return n_trainable
-    return sum(a.numel() + b.numel() for a, b in pairs.values())
+    return sum(a.numel() + b.numel() for a, b in method.to_lora(model).values())
 
 
 def next_commands(args):
@@ -260,7 +258,8 @@ def train(args, method, cfg, plain):
         batches = step_batches(train_set, args, step, rank, world, device)
         lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
         (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
-                                                            clip=args.clip, val_loss=val_loss, world=world, scaler=scaler)
+                                                            clip=args.clip, val_loss=val_loss, world=world,
+                                                            scaler=scaler)
         tokens += sum(x.numel() for x, _ in batches) * world
 
         loss_avg = task_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * task_loss

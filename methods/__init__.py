@@ -1,7 +1,8 @@
 """The registry: method name -> module. The only file that knows them all.
 
-Every method module follows one contract: Config, apply, config, param_groups, extra_loss,
-after_backward, after_step, ranks, to_lora, merge (the hook order is in each file's Usage block).
+Every method module follows one contract: NAME, TITLE, SIZE_FIELDS, Config, apply, config,
+param_groups, extra_loss, after_backward, after_step, ranks, to_lora, can_merge, merge (the hook
+order is in each file's Usage block).
 Saving and loading adapters is adapters.py's.
 """
 import importlib

@@ -89,6 +89,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+NAME, TITLE = "adalora", "AdaLoRA"  # the registry's name (config.json's "method"), the paper's
+SIZE_FIELDS = ("init_r",)  # the Config fields that size the tensors apply() allocates
+
 # logical target name -> module-name suffixes, for models without a TARGETS table of their own:
 # transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
 HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
@@ -298,7 +301,7 @@ def config(model):
     """The Config apply() was given (every adapted layer holds it)."""
     for m in layers(model).values():
         return m.cfg
-    raise ValueError("the model has no AdaLoRA adapter: call apply(model, cfg) first")
+    raise ValueError(f"the model has no {TITLE} adapter: call apply(model, cfg) first")
 
 
 def check_step(step, total_steps):
@@ -407,6 +410,15 @@ def to_lora(model):
     """Module name -> (A', B') with ΔW = B' A' over the live triplets: A' = (A ⊙ E)[keep],
     B' = scale * B[:, keep]. A module masked to rank 0 gives (0, in) and (out, 0) factors."""
     return {n: tuple(t.detach().clone() for t in m.live_factors()) for n, m in layers(model).items()}
+
+
+def can_merge(model):
+    """None when the adapter reduces to a LoRA (to_lora) and merge(model) can fold it into this model's
+    weights; else the reason it cannot."""
+    for n, m in layers(model).items():
+        if not m.weight.is_floating_point():
+            return f"{n} holds a {m.weight.dtype} weight (a quantised layer), which takes no merge"
+    return None
 
 
 @torch.no_grad()

@@ -82,6 +82,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+NAME, TITLE = "alora", "ALoRA"  # the registry's name (config.json's "method"), the paper's
+SIZE_FIELDS = ("rmax",)  # the Config fields that size the tensors apply() allocates (r <= rmax)
+
 # logical target name -> module-name suffixes, for models without a TARGETS table of their own:
 # transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
 HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
@@ -248,7 +251,7 @@ def config(model):
     """The Config apply() was given (every adapted layer holds it)."""
     for m in layers(model).values():
         return m.cfg
-    raise ValueError("the model has no ALoRA adapter: call apply(model, cfg) first")
+    raise ValueError(f"the model has no {TITLE} adapter: call apply(model, cfg) first")
 
 
 def check_step(step, total_steps):
@@ -428,6 +431,15 @@ def to_lora(model):
         keep = m.lora_gate.nonzero().flatten()
         out[n] = (m.lora_A[keep].detach().clone(), m.scale * m.lora_B[:, keep].detach())
     return out
+
+
+def can_merge(model):
+    """None when the adapter reduces to a LoRA (to_lora) and merge(model) can fold it into this model's
+    weights; else the reason it cannot."""
+    for n, m in layers(model).items():
+        if not m.weight.is_floating_point():
+            return f"{n} holds a {m.weight.dtype} weight (a quantised layer), which takes no merge"
+    return None
 
 
 @torch.no_grad()

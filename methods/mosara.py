@@ -63,6 +63,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+NAME, TITLE = "mosara", "Mo-SARA"  # the registry's name (config.json's "method"), the paper's
+SIZE_FIELDS = ("heads",)  # the Config fields that size the tensors apply() allocates
+
 # logical target name -> module-name suffixes, for models without a TARGETS table of their own:
 # transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
 HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
@@ -243,7 +246,7 @@ def config(model):
     """The Config apply() was given (every adapted layer holds it)."""
     for m in layers(model).values():
         return m.cfg
-    raise ValueError("the model has no Mo-SARA adapter: call apply(model, cfg) first")
+    raise ValueError(f"the model has no {TITLE} adapter: call apply(model, cfg) first")
 
 
 def check_step(step, total_steps):
@@ -292,6 +295,18 @@ def to_lora(model):
     for m in mods.values():
         m.check_mergeable()
     return {n: (m.lora_lam[0][:, None] * m.lora_V, m.lora_v[:, None] * m.lora_U) for n, m in mods.items()}
+
+
+def can_merge(model):
+    """None when the adapter reduces to a LoRA (to_lora) and merge(model) can fold it into this model's
+    weights; else the reason it cannot: with heads > 1 the router mixes the singular values per token."""
+    for n, m in layers(model).items():
+        if m.lora_lam.shape[0] > 1:
+            return (f"Mo-SARA with {m.lora_lam.shape[0]} heads has no ΔW: the router mixes the singular values "
+                    "per token")
+        if not m.weight.is_floating_point():
+            return f"{n} holds a {m.weight.dtype} weight (a quantised layer), which takes no merge"
+    return None
 
 
 @torch.no_grad()

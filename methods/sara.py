@@ -67,6 +67,9 @@ import torch.nn.functional as F
 INITS = ("lambda0", "v0", "paper")
 
 
+NAME, TITLE = "sara", "SARA"  # the registry's name (config.json's "method"), the paper's
+SIZE_FIELDS = ()  # the Config fields that size apply()'s tensors: none, k comes from each spectrum
+
 # logical target name -> module-name suffixes, for models without a TARGETS table of their own:
 # transformers' Llama / Mistral / Qwen2 layouts, and GPT-2, whose one c_attn holds q, k and v
 HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
@@ -239,7 +242,7 @@ def config(model):
     """The Config apply() was given (every adapted layer holds it)."""
     for m in layers(model).values():
         return m.cfg
-    raise ValueError("the model has no SARA adapter: call apply(model, cfg) first")
+    raise ValueError(f"the model has no {TITLE} adapter: call apply(model, cfg) first")
 
 
 def check_step(step, total_steps):
@@ -280,6 +283,15 @@ def ranks(model):
 def to_lora(model):
     """Module name -> (A', B') = (diag(lam) V, U), so ΔW = B' A'."""
     return {n: (m.lora_lam[:, None] * m.lora_V, m.lora_U.detach().clone()) for n, m in layers(model).items()}
+
+
+def can_merge(model):
+    """None when the adapter reduces to a LoRA (to_lora) and merge(model) can fold it into this model's
+    weights; else the reason it cannot."""
+    for n, m in layers(model).items():
+        if not m.weight.is_floating_point():
+            return f"{n} holds a {m.weight.dtype} weight (a quantised layer), which takes no merge"
+    return None
 
 
 @torch.no_grad()

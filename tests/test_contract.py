@@ -4,6 +4,7 @@ adapted as they are); transformers' Mistral and Qwen2 layouts take the default t
 Training is training.train_step itself. What is specific to one method lives in its own test file."""
 import ast
 import copy
+import dataclasses
 import functools
 import os
 import re
@@ -177,6 +178,37 @@ def test_only_linear_layers_can_be_targets(name):
     method = methods.get(name)
     with pytest.raises(ValueError, match="is a RMSNorm: only nn.Linear"):
         method.apply(tiny_llama(), method.Config(**{**CONFIGS[name], "targets": ("input_layernorm",)}))
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_a_method_names_itself_and_the_config_fields_that_size_its_tensors(name):
+    method = methods.get(name)
+    assert method.NAME == name and isinstance(method.TITLE, str) and method.TITLE in method.__doc__.split(":")[0]
+    fields = {f.name: f.type for f in dataclasses.fields(method.Config)}
+    assert all(fields[f] in (int, int | None) for f in method.SIZE_FIELDS)
+    model, _, cfg = adapted(name, "llama")
+    tensor_dims = {d for t in adapters.adapter_state(model).values() for d in t.shape}
+    assert all(getattr(cfg, f) in tensor_dims for f in method.SIZE_FIELDS)  # each sizes a tensor apply() made
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_can_merge_answers_what_merge_does(name):
+    """None where merge folds the adapter into the weights; a reason, and merge refuses, where it cannot
+    (Mo-SARA with several heads; a weight that is not floating point)."""
+    method = methods.get(name)
+    model, _, _ = adapted(name, "llama")
+    assert method.can_merge(model) is None
+    if name == "mosara":
+        several = tiny_llama()
+        method.apply(several, method.Config(heads=3))
+        assert "3 heads" in method.can_merge(several)
+        with pytest.raises(ValueError):
+            method.merge(several)
+    layer = next(iter(method.layers(model).values()))
+    layer.weight = nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.int8), requires_grad=False)
+    assert "int8" in method.can_merge(model)
+    with pytest.raises(ValueError, match="int8"):
+        method.merge(model)
 
 
 class QuantLinear(nn.Linear):

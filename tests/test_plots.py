@@ -130,7 +130,7 @@ def test_markdown_rows_parse_back_to_the_json_rows(runs, tiny_checkpoint, tmp_pa
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert table[0] == "| method | trainable params | live params | % of base | final total rank | accuracy | train time |"
-    by_name = {v: k for k, v in plots.NAMES.items()} | {"base model": "base"}
+    by_name = {methods.get(n).TITLE: n for n in methods.NAMES} | {"base model": "base"}
     for line, row in zip(table[2:], rows, strict=True):
         label, params, live, share, rank, acc, seconds = [c.strip() for c in line.strip("|").split("|")]
         name, _, flags = label.partition(" `")
