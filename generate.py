@@ -172,13 +172,14 @@ def chat(model, tok, args, stdin, out):
                 break
             if not line.strip():
                 continue
+            kept = messages[:]
             messages.append({"role": "user", "content": line.rstrip("\r\n")})
             try:
                 ids = conversation_ids(tok, messages, room)
                 messages.append({"role": "assistant", "content": answer(model, tok, ids, args, out)})
             except ValueError as e:  # this turn is too long, or the template refuses it: the chat goes on
                 note(f"error: {e}")
-                messages.pop()
+                messages[:] = kept
     except KeyboardInterrupt:
         note("")  # the terminal's line ends; the chat ends as at the end of input
     return messages

@@ -199,6 +199,17 @@ def test_chat_drops_the_oldest_exchange_when_the_conversation_outgrows_the_conte
     assert "oldest exchange was dropped" in capsys.readouterr().err
 
 
+def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(tiny_checkpoint, tiny, monkeypatch,
+                                                                             capsys, prompts_seen):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n{'x' * 450}\nAnd 4 + 4?\n"))
+    messages = generate.main(["--model", str(tiny_checkpoint), "--chat", "--max-new-tokens", "100"])
+    _, tok = tiny
+    assert [m["content"] for m in messages[::2]] == [QUESTION, "And 4 + 4?"]  # the first exchange is kept
+    assert len(prompts_seen) == 2 and prompts_seen[-1] == chat_ids(tok, messages[:-1])
+    err = capsys.readouterr().err
+    assert "error: this message takes 4" in err and "shorten it" in err
+
+
 def test_an_adapter_changes_the_text_merged_or_not_and_as_a_peft_export(tiny_checkpoint, adapter, tmp_path):
     run = ["--model", str(tiny_checkpoint), "--max-new-tokens", "12", QUESTION]
     base = generate.main(run)
