@@ -48,7 +48,7 @@ def tiny(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_checkpoint, tiny):
-    """A LoRA on q and v of the tiny checkpoint with large random B, so that it changes what the model says."""
+    """A LoRA on q and v of the tiny checkpoint with random A and B (std 1): it changes what the model says."""
     model, _ = models.load(tiny_checkpoint)
     lora = methods.get("lora")
     cfg = lora.Config(r=4)
@@ -79,8 +79,11 @@ def plain_checkpoint(tmp_path_factory, tiny_checkpoint):
 def prompts_seen(monkeypatch):
     """The prompts the model is asked to continue, recorded."""
     seen, real = [], models.Llama.generate
-    monkeypatch.setattr(models.Llama, "generate", lambda self, prompts, *a, **kw: (seen.extend(prompts),
-                                                                                   real(self, prompts, *a, **kw))[1])
+
+    def recorded(self, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real(self, prompts, *args, **kwargs)
+    monkeypatch.setattr(models.Llama, "generate", recorded)
     return seen
 
 
