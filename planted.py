@@ -139,23 +139,31 @@ def table(rows):
     return "\n".join(lines)
 
 
+def rank_norm(grid):
+    """The colour scale of a grid of ranks: linear from 0 to 1, logarithmic above, so that one row of
+    large ranks (Mo-SARA's 71) leaves a row of 0 to 16 in distinct colours."""
+    from matplotlib.colors import SymLogNorm
+    return SymLogNorm(linthresh=1, linscale=1, base=2, vmin=0, vmax=max(2, max(map(max, grid))))
+
+
 def draw(rows, planted, path):
     """One heatmap: the planted ranks on top, each method's ranks below, a row per method."""
     import plots
     plt = plots.pyplot()
     grid = [list(planted)] + [r["ranks"] for r in rows]
     names = ["planted"] + [methods.get(r["method"]).TITLE for r in rows]
+    norm = rank_norm(grid)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(planted), 0.8 + 0.4 * len(grid)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    im = ax.imshow(grid, cmap="viridis", norm=norm, aspect="auto")
     for i, row in enumerate(grid):
         for j, k in enumerate(row):
-            ax.text(j, i, str(k), ha="center", va="center", color="w" if k < max(map(max, grid)) / 2 else "k",
-                    fontsize=8)
+            ax.text(j, i, str(k), ha="center", va="center", color="w" if norm(k) < 0.6 else "k", fontsize=8)
     ax.set_yticks(range(len(names)), names)
     ax.set_xticks(range(len(planted)), [f"m{i}" for i in range(len(planted))])
     ax.set_xlabel("module")
     ax.set_title("Live rank per module after training (planted ranks on top)")
-    fig.colorbar(im, ax=ax, label="rank")
+    ticks = [0] + [2 ** e for e in range(int(math.log2(norm.vmax)) + 1)]
+    fig.colorbar(im, ax=ax, label="rank (log scale above 1)", ticks=ticks, format="%d")
     plots.save(fig, path)
 
 

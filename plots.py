@@ -8,7 +8,9 @@ functions above them gather that data from adapter directories and the base mode
 an optional extra, imported only when something is drawn.
 """
 import copy
+import itertools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -133,12 +135,25 @@ def layer_axis(ax, n_layers):
     ax.set_xlabel("layer")
 
 
+def log_tick_values(lo, hi):
+    """The labelled ticks of a log axis over [lo, hi] (0 < lo < hi): 1, 2, 5, 10, 20, … where three
+    of them fall inside; else the multiples of the largest round step (5, 2 or 1 times a power of
+    ten) of which three do, so that a narrow range (a loss between 2.1 and 2.6) reads 2.1, 2.2, …"""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10.0 ** e for e in decades for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    steps = (m * 10.0 ** e for e in itertools.count(math.floor(math.log10(hi - lo)), -1) for m in (5, 2, 1))
+    while len(ticks) < 3:
+        step = next(steps)
+        ticks = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return ticks
+
+
 def log_ticks(ax):
-    """A log y axis labelled 1, 2, 5, 10, 20, … in plain numbers."""
+    """A log y axis labelled in plain numbers at log_tick_values of its range (set once the data is drawn)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator([m * 10 ** e for e in range(-3, 6) for m in (1, 2, 5)]))
+    ax.yaxis.set_major_locator(FixedLocator(log_tick_values(*ax.get_ylim())))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_locator(NullLocator())
 

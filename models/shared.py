@@ -43,10 +43,11 @@ def loss(model, idx, targets):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=()):
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_tokens=(), on_token=None):
     """Continue each prompt (a list of token ids); returns the new ids of each, stop token excluded.
 
     temperature 0 is greedy decoding. Rows stop independently at any of `stop_tokens`.
+    on_token(row, id), when given, sees each new id as soon as it is chosen (streaming).
     """
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -70,6 +71,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_t
         done |= torch.isin(tok, stop)
         for b in (~done).nonzero().flatten().tolist():
             out[b].append(tok[b].item())
+            if on_token is not None:
+                on_token(b, out[b][-1])
         if done.all():
             break
         pos = pos[:, -1:] + 1

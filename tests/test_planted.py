@@ -75,3 +75,15 @@ def test_the_command_writes_the_table_json_and_picture(tmp_path, capsys):
 def test_an_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method nope"):
         planted.main(["--methods", "lora,nope"])
+
+
+def test_the_picture_gives_ranks_0_to_16_distinct_colours_beside_a_row_of_71(tmp_path, monkeypatch):
+    import plots
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig))
+    rows = [{"method": "mosara", "ranks": [71] * 8}, {"method": "sora", "ranks": [0, 1, 2, 4, 8, 16, 16, 16]}]
+    planted.draw(rows, planted.PLANTED, tmp_path / "ranks.png")
+    image = figures[0].axes[0].images[0]
+    colours = torch.tensor(image.to_rgba(torch.tensor([0, 1, 2, 4, 8, 16, 71]).numpy())[:, :3])
+    assert (colours[1:] - colours[:-1]).norm(dim=1).min() > 0.08  # each step up has a colour of its own
+    plots.pyplot().close(figures[0])

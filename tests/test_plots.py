@@ -245,6 +245,40 @@ def test_window_mean_stays_within_the_window(gaps, n):
         assert means == values
 
 
+@settings(max_examples=300, deadline=None)
+@given(lo=st.floats(1e-4, 1e4), ratio=st.floats(1.001, 1e4))
+def test_a_log_axis_labels_three_or_more_distinct_values_inside_any_range(lo, ratio):
+    hi = lo * ratio
+    ticks = plots.log_tick_values(lo, hi)
+    assert len(ticks) >= 3 and ticks == sorted(ticks) and len({f"{t:g}" for t in ticks}) == len(ticks)
+    assert all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures plots.save is given, drawn and kept open instead of written."""
+    kept = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: (fig.canvas.draw(), kept.append(fig)))
+    yield kept
+    for fig in kept:
+        plots.pyplot().close(fig)
+
+
+def test_loss_plots_over_a_narrow_range_have_three_labelled_ticks(tmp_path, figures):
+    for name, base in (("a", 2.1), ("b", 2.2)):  # losses between 2.1 and 2.5: inside one 1-2-5 step
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"method": "lora", "config": {}}))
+        log = [{"step": s, "loss": base + 0.3 / s, "val_loss": base + 0.2 / s} for s in range(1, 21)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    written = plots.training_figures(tmp_path / "figs", [tmp_path / "a", tmp_path / "b"], "tiny")
+    assert [p.name for p in written] == ["loss.png", "val_loss.png"] and len(figures) == 2
+    for fig in figures:
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        shown = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi]
+        assert ax.get_yscale() == "log" and len(shown) >= 3 and len(set(shown)) == len(shown)
+
+
 def test_without_matplotlib_plot_is_one_line_and_exit_2(tmp_path):
     code = ("import runpy, sys; sys.modules['matplotlib'] = None; "  # None in sys.modules: the import fails
             f"sys.argv = ['eval.py', '--plot', {str(tmp_path)!r}, '--adapter', 'nowhere']; "
