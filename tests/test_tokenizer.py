@@ -363,38 +363,128 @@ def test_trained_tokenizer_json_specials_and_merges(trained):
     assert len(ours.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # the merges are applied
 
 
-def sentencepiece_style(path, style):
-    """tokenizer.json files of the kinds that are refused, built with `tokenizers`."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models as tmodels, normalizers, pre_tokenizers, trainers
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+SP_STYLES = ("llama2", "llama-class", "metaspace")
 
-    if style == "llama2":  # Llama 2 / TinyLlama: '▁' by normalizer, byte fallback
-        t = HFTokenizer(tmodels.BPE(unk_token="<unk>", byte_fallback=True))
-        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    elif style == "metaspace":  # newer SentencePiece conversions: a Metaspace pre-tokenizer
-        t = HFTokenizer(tmodels.BPE(unk_token="<unk>"))
+
+def save_sentencepiece(path, style, vocab_size=260):
+    """A SentencePiece-style tokenizer.json trained here with `tokenizers`, laid out as Llama 2's
+    (<unk> <s> </s>, then the 256 byte tokens, then the pieces), saved by transformers:
+    llama2: Prepend("▁") + Replace(" ", "▁") normalizer, byte fallback, a Replace + ByteFallback +
+      Fuse + Strip decoder, <s> put first by the post-processor; its merges were learnt over whole
+      lines, so some cross a '▁' (words are cut only where none can);
+    llama-class: the same files with tokenizer_class LlamaTokenizerFast (legacy false), which
+      transformers 5 loads with its own pipeline: a Metaspace pre-tokenizer ("first", no split);
+    metaspace: a Metaspace pre-tokenizer that splits, <unk> (fused) for what the vocabulary lacks,
+      ignore_merges, a Metaspace decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models as tmodels, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    prepend = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t = HFTokenizer(tmodels.BPE(unk_token="<unk>"))
+    if style == "llama2":
+        t.normalizer = prepend
+    else:
         t.pre_tokenizer = pre_tokenizers.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
-    elif style == "wordpiece":
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SP_SPECIALS))
+    trained = json.loads(t.to_str())["model"]
+    fallback = style != "metaspace"
+    pieces = SP_SPECIALS + [f"<0x{b:02X}>" for b in range(256) if fallback] + [
+        p for p in sorted(trained["vocab"], key=trained["vocab"].get) if p not in SP_SPECIALS]
+    t = HFTokenizer(tmodels.BPE({p: i for i, p in enumerate(pieces)}, [tuple(m) for m in trained["merges"]],
+                                unk_token="<unk>", fuse_unk=True, byte_fallback=fallback,
+                                ignore_merges=not fallback))
+    if fallback:
+        t.normalizer = prepend
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                         special_tokens=[("<s>", 1)])
+    else:
+        t.pre_tokenizer = pre_tokenizers.Metaspace()
+        t.decoder = decoders.Metaspace()
+    t.add_special_tokens(SP_SPECIALS)
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    if style == "llama-class":
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast",
+                                                                "legacy": False}))
+    return path
+
+
+@pytest.fixture(scope="module", params=SP_STYLES)
+def sentencepiece(request, tmp_path_factory):
+    """(our tokenizer, transformers' AutoTokenizer) of one SentencePiece-style tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = save_sentencepiece(tmp_path_factory.mktemp(request.param), request.param)
+    return tok.from_hf_dir(path), AutoTokenizer.from_pretrained(path, split_special_tokens=True)
+
+
+# what stresses SentencePiece-style BPE: leading spaces, whitespace runs, newlines, '▁' itself,
+# accented Latin, CJK, emoji and other characters outside the vocabulary, the specials' strings
+sp_texts = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
+    ["<s>", "</s>", "<unk>", "<0x41>", "▁", " ", "  ", "   ", "\n", "\n\n", "\t", " the", "the quick", "café naïve",
+     "e\u0301", "日本語のテキスト", "🙂👍🏽", "ƒøø", "\r\n", "12345", "we'll"])), max_size=8).map("".join)
+
+
+@settings(max_examples=120, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_ids_equal_transformers(sentencepiece, s):
+    ours, theirs = sentencepiece
+    ids = ours.encode(s)
+    assert ids == theirs.encode(s, add_special_tokens=False)
+    assert ours.bos + ids == theirs.encode(s)
+    assert ours.decode(ids) == theirs.decode(ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=sp_texts.map(lambda s: s.replace("▁", "")))
+def test_sentencepiece_with_byte_fallback_round_trips(sentencepiece, s):
+    """Every character has tokens (its bytes at worst) and a space is a '▁', so the text comes
+    back, less the leading space a Metaspace "first" folds into its own."""
+    ours, theirs = sentencepiece
+    if not ours.enc.byte_fallback:
+        return
+    expect = s[1:] if ours.enc.metaspace and s.startswith(" ") else s
+    assert ours.decode(ours.encode(s)) == expect
+
+
+def test_sentencepiece_specials_bos_and_merges(sentencepiece):
+    ours, theirs = sentencepiece
+    assert [ours.special(t) for t in SP_SPECIALS] == theirs.convert_tokens_to_ids(SP_SPECIALS) == [0, 1, 2]
+    assert ours.bos == ([1] if ours.enc.byte_fallback else [])
+    assert ours.stop == [2] and ours.chat is None
+    assert ours.prompt("hi there") == ours.bos + ours.encode("hi there")
+    assert len(ours.encode(CORPUS[0])) < len(CORPUS[0]) / 2  # the merges are applied
+    if ours.enc.normalizer:  # merges learnt over whole lines cross a '▁': words are cut where none can
+        assert ours.enc.cut is not None and any(len(w) > 1 and "▁" in w[1:] for w in ours.enc.tokens.values())
+
+
+def sentencepiece_refused(path, style):
+    """tokenizer.json files of the kinds still refused, built with `tokenizers`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models as tmodels, pre_tokenizers, trainers
+
+    if style == "wordpiece":
         t = HFTokenizer(tmodels.WordPiece(unk_token="[UNK]"))
         t.pre_tokenizer = pre_tokenizers.Whitespace()
         trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"])
     else:
         t = HFTokenizer(tmodels.Unigram())
+        t.pre_tokenizer = pre_tokenizers.Metaspace()
         trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<unk>"], unk_token="<unk>")
     t.train_from_iterator(CORPUS, trainer)
     t.save(str(path / "tokenizer.json"))
 
 
-@pytest.mark.parametrize("style,what", [("llama2", "SentencePiece-style BPE"), ("metaspace", "SentencePiece-style BPE"),
-                                        ("wordpiece", "a WordPiece tokenizer"), ("unigram", "a Unigram tokenizer")])
+@pytest.mark.parametrize("style,what", [("wordpiece", "a WordPiece tokenizer"), ("unigram", "a Unigram tokenizer")])
 def test_tokenizers_of_other_kinds_are_refused_when_the_model_loads(tmp_path, style, what):
     ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(tiny_llama(vocab_size=97).cfg),
                              ck.llama_hf_tensors(tiny_llama(vocab_size=97)))
-    sentencepiece_style(tmp_path, style)
-    with pytest.raises(models.LoadError, match=f"is {what}.*only byte-level BPE tokenizers") as e:
+    sentencepiece_refused(tmp_path, style)
+    with pytest.raises(models.LoadError, match=f"is {what}.*only byte-level BPE .* and SentencePiece-style BPE") as e:
         models.load(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
 
