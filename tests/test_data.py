@@ -319,20 +319,54 @@ def test_train_py_takes_chat_and_text_jsonl(tmp_path, tiny_checkpoint, kind):
     assert encoded == want
 
 
-def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
+# chat templates with {% generation %} blocks, for SentencePiece-style tokenizers: Mistral's format
+# (<s> from bos_token; [INST] is text), and Phi-3's (its chat tokens are special and take the
+# whitespace after them: rstrip)
+SP_TEMPLATES = {
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                "' [/INST]' }}{% else %}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% endif %}"
+                "{% endfor %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
+             "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|end|>' }}{% endif %}"
+             "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
+}
+PHI3_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def save_chat_tokenizer(path, kind):
+    """A tokenizer trained by test_tokenizer's helpers with a template marking assistant text,
+    saved by transformers: byte-level with ChatML, or SentencePiece-style with SP_TEMPLATES'."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from test_tokenizer import TEMPLATES, save_sentencepiece, save_trained
+
+    if kind == "bytelevel":
+        path, template = save_trained(path, "bytelevel"), TEMPLATES["generation"]
+    else:
+        style, name = kind.split("+")
+        path, template = save_sentencepiece(path, style), SP_TEMPLATES[name]
+    theirs = AutoTokenizer.from_pretrained(path)
+    if kind.endswith("phi3"):
+        theirs.add_tokens([AddedToken(t, rstrip=True, special=True, normalized=False) for t in PHI3_TOKENS],
+                          special_tokens=True)
+    theirs.chat_template = template
+    theirs.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "llama2+mistral", "llama-class+mistral", "llama2+phi3"])
+def test_assistant_targets_equal_transformers_assistant_mask(tmp_path, kind):
     """On a template with {% generation %} blocks, the tokens this library learns are exactly those
-    transformers' return_assistant_tokens_mask marks."""
+    transformers' return_assistant_tokens_mask marks, and the ids its own."""
     from hypothesis import given as given_, settings as settings_
     from transformers import AutoTokenizer
 
-    from test_tokenizer import TEMPLATES, alternating, save_trained
+    from test_tokenizer import alternating
     from models import tokenizer as mtok
 
-    path = save_trained(tmp_path, "bytelevel")
-    theirs = AutoTokenizer.from_pretrained(path)
-    theirs.chat_template = TEMPLATES["generation"]
-    theirs.save_pretrained(path)
-    ours = mtok.from_hf_dir(path)
+    path = save_chat_tokenizer(tmp_path, kind)
+    theirs, ours = AutoTokenizer.from_pretrained(path), mtok.from_hf_dir(path)
 
     @settings_(max_examples=40, deadline=None)
     @given_(msgs=alternating().map(lambda m: m[:-1]))  # ends with an assistant turn
@@ -341,8 +375,37 @@ def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
         ids, targets = data.encode_chat(ours, data.Chat(tuple(msgs)), 10_000)
         assert ids == out["input_ids"][:-1]
         assert [0] + [int(t != -100) for t in targets] == out["assistant_masks"]
+        prompt = theirs.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert ours.prompt(msgs[0]["content"]) == prompt["input_ids"]
 
     check()
+
+
+def test_train_py_takes_chat_on_a_sentencepiece_checkpoint(tmp_path):
+    """{"messages": ...} training runs on a Llama-2-style checkpoint (SentencePiece-style
+    tokenizer.json, Mistral's template), and trains on exactly the tokens encode_chat gives."""
+    import benchmarks
+    import checkpoints as ck
+    import models
+    import train
+    from conftest import tiny_llama
+
+    path = save_chat_tokenizer(tmp_path / "model", "llama2+mistral")
+    model = tiny_llama(vocab_size=models.tokenizer.from_hf_dir(path).enc.n_vocab, max_seq_len=128)
+    ck.write_safetensors_dir(path, ck.llama_hf_config(model.cfg), ck.llama_hf_tensors(model))
+    records = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                             {"role": "assistant", "content": f"{i} + {i} = {2 * i}. Où?"}]} for i in range(6)]
+    chats = write_jsonl(tmp_path / "d.jsonl", records)
+    summary = train.main(["--method", "lora", "--model", str(path), "--data", str(chats), "--out",
+                          str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+                          "--val-size", "2", "--log-every", "1"])
+    assert summary["steps"] == 2
+    tok = models.load(path)[1]
+    encoded = benchmarks.train_set(tok, str(chats), None, "chat", 64)
+    assert encoded == [data.encode_chat(tok, c, 64) for c in data.load_items(chats)]
+    ids, targets = encoded[0]
+    assert ids[0] == tok.special("<s>") and targets[-1] == tok.special("</s>")
+    assert tok.decode([t for t in targets if t != -100]) == "0 + 0 = 0. Où?</s>"
 
 
 def test_train_py_on_a_template_that_fails_as_it_renders_says_so_in_one_line(tmp_path, tiny_checkpoint):
