@@ -14,7 +14,10 @@ import datetime
 import functools
 import heapq
 import importlib.util
+import itertools
 import json
+import math
+import operator
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -394,14 +397,16 @@ class SentencePieceBPE:
     dict lookup per word.
 
     `tokenizers` merges a whole run when no pre-tokenizer splits it (Llama 2's tokenizer.json), so
-    words here are cut only where no merge can cross: before a '▁' that follows a character no
-    vocabulary token has right before a '▁'. Merges never cross such a point, and the result
-    equals the whole run's."""
+    words here are cut only where no merge can cross: between two characters that no token holds
+    side by side (a merge makes a token, so none joins them), the second one in the vocabulary (a
+    waiting <unk> goes no further). Runs are cut so before a '▁' by a regex, and a word missing
+    from the cache again into pieces, each merged alone and cached: the same tokens as the run's."""
 
     def __init__(self, name, model, added, normalizer, metaspace, decoder, llama_class=False):
         """model: tokenizer.json's "model"; added: its added_tokens; normalizer: ("prepend", s) and
         ("replace", a, b) steps; metaspace: (prepend_scheme, split) or None; decoder: decoder_steps'."""
         self.name, self.normalizer, self.metaspace, self.decode_steps = name, normalizer, metaspace, decoder
+        self.split = bool(metaspace and metaspace[1])
         self.vocab = dict(model["vocab"])
         unk = model.get("unk_token")
         self.unk = None if llama_class or unk is None else self.vocab[unk]  # LlamaTokenizer passes no unk
@@ -417,22 +422,42 @@ class SentencePieceBPE:
         self.rstrip = {t["id"] for t in added if t.get("rstrip")}
         self.tokens = {i: t for t, i in self.vocab.items()} | {i: t for t, i in self.added.items()}
         self.n_vocab = max(self.tokens) + 1
+        self.pairs = {a * self.n_vocab + b: rank << 32 | new for (a, b), (rank, new) in self.merges.items()}
         self.special_tokens_set = set(self.added)
         self.added_re = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))) \
             if self.added else None
         self.split_re = re.compile(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+")
-        self.cut = self.cut_points()
+        self.bigrams = self.joins()
+        self.cut = self.cut_before_space()
         self.cache = {}
 
-    def cut_points(self):
-        """The regex that cuts a run into words BPE can merge one by one, or None (merge it whole).
-        A merge with a byte token or <unk> could join characters the vocabulary does not spell
-        across a cut, so such a vocabulary is merged whole."""
+    def joins(self):
+        """The pairs of adjacent characters some token holds (the only places a merge can join
+        two words), or None when merges could join what no token spells: a merge with a byte
+        token or <unk> (such a vocabulary is merged a run at a time, as `tokenizers` does)."""
         special = {i for t, i in self.vocab.items() if BYTE_TOKEN.fullmatch(t)} | {self.unk}
         if any(a in special or b in special for a, b in self.merges):
             return None
-        before = {t[i] for t in self.vocab for i in range(len(t) - 1) if t[i + 1] == SPACE and t[i] != SPACE}
+        return {t[i:i + 2] for t in self.vocab for i in range(len(t) - 1)}
+
+    def cut_before_space(self):
+        """The regex that cuts a run before each '▁' no token joins to the character before it, or None."""
+        if self.bigrams is None or SPACE not in self.vocab:
+            return None
+        before = {a for a, b in self.bigrams if b == SPACE and a != SPACE}
         return re.compile(f"(?<=[^{re.escape(SPACE + ''.join(sorted(before)))}])(?={SPACE})")
+
+    def pieces(self, word):
+        """`word` cut between each two characters no token holds together, where the second is
+        in the vocabulary (before one that is not, an <unk> may be waiting to fuse with it). A
+        word of letters and digits after its '▁'s is taken whole: it seldom has such a cut, and
+        looking costs more."""
+        if self.bigrams is None or word.lstrip(SPACE).isalnum():
+            return [word]
+        apart = map(operator.not_, map(self.bigrams.__contains__, map(operator.add, word, word[1:])))
+        cuts = list(itertools.compress(range(1, len(word)), map(operator.and_, apart,
+                                                                 map(self.vocab.__contains__, word[1:]))))
+        return [word[a:b] for a, b in zip([0, *cuts], [*cuts, len(word)])]
 
     def normalize(self, run, first):
         """(text, n): a run as the normalizer and the Metaspace pre-tokenizer leave it, and how many
@@ -452,7 +477,7 @@ class SentencePieceBPE:
 
     def words(self, text):
         """The words of a normalized run."""
-        if self.metaspace and self.metaspace[1]:  # Metaspace's split: each '▁' starts a word
+        if self.split:  # Metaspace's split: each '▁' starts a word
             return self.split_re.findall(text)
         return self.cut.split(text) if self.cut else [text]
 
@@ -483,13 +508,39 @@ class SentencePieceBPE:
         return out + [unk] if unk else out
 
     def bpe(self, word):
-        """(ids, starts) of one word: `tokenizers`' Word::merge_all, a heap of (rank, position)."""
-        if self.ignore_merges and self.metaspace and self.metaspace[1] and word in self.vocab:
-            return (self.vocab[word],), (0,)
-        syms = self.symbols(word)
-        ids, n = [t for t, _ in syms], len(syms)
+        """(ids, starts) of one word: the merges as `tokenizers`' Word::merge_all makes them, which
+        is always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
+        ids = list(map(self.vocab.get, word))
+        if None in ids:
+            ids, starts = map(list, zip(*self.symbols(word))) if word else ([], [])
+        else:
+            starts = list(range(len(word)))
+        merge = self.merge_short if len(ids) <= 256 else self.merge_heap
+        return merge(ids, starts) if ids else ((), ())
+
+    def merge_short(self, ids, starts):
+        """bpe's merges on a short word: the ranks of its adjacent pairs in a list that each merge
+        updates, the lowest found by min() (quadratic in the length, but in C). A pair is keyed
+        left * n_vocab + right, and its rank * 2^32 + merged id sorts as its rank."""
+        pairs, v, none = self.pairs, self.n_vocab, math.inf
+        ranks = [pairs.get(a * v + b, none) for a, b in zip(ids, ids[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == none:
+                break
+            i = ranks.index(best)  # the leftmost
+            ids[i:i + 2] = [best & 0xFFFFFFFF]
+            del starts[i + 1], ranks[i]
+            if i < len(ranks):
+                ranks[i] = pairs.get(ids[i] * v + ids[i + 1], none)
+            if i > 0:
+                ranks[i - 1] = pairs.get(ids[i - 1] * v + ids[i], none)
+        return tuple(ids), tuple(starts)
+
+    def merge_heap(self, ids, starts):
+        """bpe's merges on a long word as `tokenizers` makes them: a heap of (rank, position)."""
+        n, merges = len(ids), self.merges
         nxt, prv = list(range(1, n)) + [-1], list(range(-1, n - 1))
-        merges = self.merges
         heap = [(m[0], i, m[1]) for i in range(n - 1) if (m := merges.get((ids[i], ids[i + 1])))]
         heapq.heapify(heap)
         while heap:
@@ -505,16 +556,32 @@ class SentencePieceBPE:
                 if a >= 0 and b >= 0 and (m := merges.get((ids[a], ids[b]))):
                     heapq.heappush(heap, (m[0], a, m[1]))
         keep = [i for i in range(n) if ids[i] is not None]
-        return tuple(ids[i] for i in keep), tuple(syms[i][1] for i in keep)
+        return tuple(ids[i] for i in keep), tuple(starts[i] for i in keep)
 
     def word(self, w):
-        """bpe(w), cached (the cache is emptied when it holds 2^17 words)."""
+        """The (ids, starts) of a word, cached (the cache is emptied when it holds 2^17 words):
+        those of its pieces (pieces()), which merge alone and are cached too."""
         hit = self.cache.get(w)
         if hit is None:
             if len(self.cache) >= 1 << 17:
                 self.cache.clear()
-            hit = self.cache[w] = self.bpe(w)
+            pieces = self.pieces(w)
+            if len(pieces) == 1:
+                hit = self.bpe(w)
+            else:
+                ids, starts, at = [], [], 0
+                for p in pieces:
+                    got, where = self.word(p)
+                    ids += got
+                    starts += [at + s for s in where]
+                    at += len(p)
+                hit = tuple(ids), tuple(starts)
+            self.cache[w] = hit
         return hit
+
+    def whole_word(self, w):
+        """word(w), but a word of the vocabulary is its token (ignore_merges)."""
+        return ((self.vocab[w],), (0,)) if w in self.vocab else self.word(w)
 
     def encode_run(self, run, first, offsets=False):
         """ids of a run of text holding no added token (with `offsets`: and the index in `run` of
@@ -522,16 +589,18 @@ class SentencePieceBPE:
         if not run:
             return ([], []) if offsets else []
         text, n = self.normalize(run, first)
-        if self.ignore_merges and not (self.metaspace and self.metaspace[1]) and text in self.vocab:
+        if self.ignore_merges and not self.split and text in self.vocab:
             return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
+        word = self.whole_word if self.ignore_merges and self.split else self.word
+        if not offsets:
+            return [t for w in self.words(text) for t in word(w)[0]]
         ids, starts, at = [], [], 0
         for w in self.words(text):
-            got, where = self.word(w)
+            got, where = word(w)
             ids += got
-            if offsets:
-                starts += [max(at + s - n, 0) for s in where]
+            starts += [max(at + s - n, 0) for s in where]
             at += len(w)
-        return (ids, starts) if offsets else ids
+        return ids, starts
 
     def encode_ordinary(self, text):
         """The whole text as one run: added-token strings in it are text."""

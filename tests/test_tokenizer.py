@@ -462,6 +462,21 @@ def test_sentencepiece_specials_bos_and_merges(sentencepiece):
         assert ours.enc.cut is not None and any(len(w) > 1 and "▁" in w[1:] for w in ours.enc.tokens.values())
 
 
+@settings(max_examples=60, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
+    """A word's merges as a list of ranks (short words) and as `tokenizers`' heap (long ones):
+    the same tokens, and a run merged whole or cut into words and pieces: the same ids."""
+    sp = sentencepiece[0].enc
+    text = sp.normalize(s, True)[0]
+    if not text:
+        return
+    ids = [sp.vocab.get(c, sp.unk if sp.unk is not None else 3) for c in text]  # <unk> or <0x00> stand in
+    assert sp.merge_short(list(ids), list(range(len(ids)))) == sp.merge_heap(list(ids), list(range(len(ids))))
+    whole = sp.bpe(text)[0]
+    assert [t for w in sp.words(text) for t in sp.word(w)[0]] == list(whole) or sp.split
+
+
 def sentencepiece_refused(path, style):
     """tokenizer.json files of the kinds still refused, built with `tokenizers`."""
     from tokenizers import Tokenizer as HFTokenizer
