@@ -656,7 +656,7 @@ def main(argv=None):
         res[f"{n}_step_gflop"] = f / 1e9
         res[f"{n}_step_fraction_of_gemm"] = f / res["steps"][n]["median_s"] / 1e9 / gemm
 
-    res["tokenizer"] = bench_tokenizer(max(3, args.repeats))
+    res["tokenizer"] = bench_tokenizer(args.repeats)
     res["sentencepiece_over_byte_level_encode"] = res["tokenizer"]["docs"]["sentencepiece"] / res["tokenizer"]["docs"]["byte_level"]
     res["init"] = bench_init(base, args.svd_size, 1 if args.quick else args.repeats, args.device)
     for n in ("sara", "mosara"):

@@ -280,8 +280,9 @@ def not_byte_level(tj):
     return None
 
 
-READABLE = ("only byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen2 and the like) and SentencePiece-style BPE "
-            "(Llama 2, Mistral 7B, TinyLlama, Phi-3) tokenizers can be read; Unigram and WordPiece cannot")
+READABLE = ("only BPE tokenizers can be read, byte-level (GPT-2, Llama 3, SmolLM, Qwen2 and the like) or "
+            "SentencePiece-style (Llama 2, Mistral 7B, TinyLlama, Phi-3): Unigram's most likely segmentation "
+            "under its piece scores and WordPiece's longest-match are not implemented")
 
 
 def hf_config(path):
@@ -330,6 +331,12 @@ def from_hf_files(path, config, template, names):
     if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
         model_file = path / "tokenizer.model"
         model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
+        if model_file.read_bytes()[:1] == b"\n":  # a protobuf's first field, never a base64 line
+            enc = from_sentencepiece_model(model_file, config)
+            tok = with_chat(enc, template, names, SentencePieceTokenizer)
+            bos = names["bos_token"] or "<s>"  # LlamaTokenizer's default
+            tok.bos = [enc.encode_single_token(bos)] if config.get("add_bos_token") else []
+            return tok
         return from_llama3_model(model_file, template, names)
     return None
 
@@ -344,7 +351,7 @@ def from_tokenizer_json(file, config, template, names):
         except ValueError as e:
             raise ValueError(f"{file} is SentencePiece-style BPE, but {e}") from None
         tok = with_chat(enc, template, names, SentencePieceTokenizer)
-        tok.bos = bos_ids(tj, config, enc.encode_single_token)
+        tok.bos = post_processor_bos(tj.get("post_processor"))
         return tok
     unreadable = not_byte_level(tj)
     if unreadable:
@@ -354,7 +361,7 @@ def from_tokenizer_json(file, config, template, names):
     vocab.update(specials)
     tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
     tok.normalize = (tj.get("normalizer") or {}).get("type")
-    tok.bos = bos_ids(tj, config, vocab.__getitem__)
+    tok.bos = post_processor_bos(tj.get("post_processor"))
     return tok
 
 
@@ -372,8 +379,7 @@ def from_llama3_model(model_file, template=None, names=None):
         ranks = {base64.b64decode(token, validate=True): int(rank)
                  for token, rank in (line.split() for line in lines if line)}
     except ValueError:  # a line that is not "base64 rank" (binascii.Error is one too)
-        raise ValueError(f"{model_file} is not a tiktoken BPE file (a SentencePiece model, as Llama 2 "
-                         "ships, cannot be read without the sentencepiece package)") from None
+        raise ValueError(f"{model_file} is neither a tiktoken BPE file nor a SentencePiece model") from None
     specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
     return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
                                        special_tokens=specials), template, names)
@@ -785,15 +791,94 @@ def from_sentencepiece_json(name, tj, config):
     return SentencePieceBPE(name, model, tj.get("added_tokens", []), normalizer, metaspace, decoder, llama_class)
 
 
-def bos_ids(tj, config, token_id):
-    """The ids transformers puts before a text: tokenizer_config.json's add_bos_token where it is
-    set, else what the tokenizer.json's post-processor puts before the sequence."""
-    if "add_bos_token" in config:
-        bos = config.get("bos_token")
-        bos = bos.get("content") if isinstance(bos, dict) else bos
-        return [token_id(bos)] if config["add_bos_token"] and bos else []
-    post = tj.get("post_processor") or {}
-    for p in post.get("processors", [post]):
+def protobuf_fields(buf):
+    """(field number, value) of each field of a protobuf message: an int for a varint, bytes for
+    the rest (length-delimited, fixed32, fixed64). Reads bytes only: nothing in them runs."""
+    i = 0
+    while i < len(buf):
+        key, i = varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(buf, i)
+        elif wire == 2:
+            n, i = varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if i > len(buf) or field == 0:
+            raise ValueError("a truncated or malformed protobuf")
+        yield field, value
+
+
+def varint(buf, i):
+    """(the protobuf varint at buf[i], the index after it)."""
+    value = shift = 0
+    while i < len(buf):
+        value |= (buf[i] & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if buf[i - 1] < 0x80:
+            return value, i
+    raise ValueError("a truncated protobuf varint")
+
+
+SP_ADDED = (2, 3, 4)  # sentencepiece_model.proto's SentencePiece.Type: UNKNOWN, CONTROL, USER_DEFINED
+
+
+def read_sentencepiece_model(model_file):
+    """(pieces [(piece, type)], trainer {field: value}, normalizer name) of a SentencePiece
+    ModelProto: its pieces (field 1: piece 1, type 3), trainer_spec (2) and normalizer_spec (3)."""
+    pieces, trainer, normalizer = [], {}, "identity"
+    for field, value in protobuf_fields(Path(model_file).read_bytes()):
+        if field == 1:
+            parts = dict(protobuf_fields(value))
+            pieces.append((parts.get(1, b"").decode("utf-8"), parts.get(3, 1)))
+        elif field == 2:
+            trainer = dict(protobuf_fields(value))
+        elif field == 3:
+            normalizer = dict(protobuf_fields(value)).get(1, b"identity").decode("utf-8")
+    return pieces, trainer, normalizer
+
+
+def sentencepiece_merges(vocab):
+    """The merges transformers 5 makes of a SentencePiece BPE vocabulary (generate_merges): every
+    split of a piece into two pieces, in the order of the piece's id, then the left part's and the
+    right part's length, then their ids."""
+    merges = []
+    for piece, i in vocab.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(i, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
+    return [(a, b) for _, a, b in merges]
+
+
+def from_sentencepiece_model(model_file, config):
+    """A SentencePieceBPE of a SentencePiece tokenizer.model (Llama 2's, where a checkpoint ships no
+    tokenizer.json), read as transformers 5 reads it: LlamaTokenizer's pipeline, merges from the
+    vocabulary, the unknown, control and user-defined pieces as added tokens."""
+    try:
+        pieces, trainer, normalizer = read_sentencepiece_model(model_file)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{model_file} is not a SentencePiece model ({e})") from None
+    kind = {1: "Unigram", 2: "BPE", 3: "word", 4: "character"}.get(trainer.get(3, 1), "unknown")
+    if kind != "BPE":
+        raise ValueError(f"{model_file} is a SentencePiece {kind} model: only SentencePiece BPE (Llama 2, "
+                         "Mistral 7B, TinyLlama) can be read")
+    if normalizer != "identity":
+        raise ValueError(f"{model_file} normalizes text with SentencePiece's {normalizer!r} rules, "
+                         "which are not implemented here")
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    added = [{"id": i, "content": p} for i, (p, t) in enumerate(pieces) if t in SP_ADDED]
+    model = {"vocab": vocab, "merges": sentencepiece_merges(vocab)}
+    return SentencePieceBPE(model_file.parent.name, model, added, *llama_pipeline(config), llama_class=True)
+
+
+def post_processor_bos(post):
+    """The ids a tokenizer.json's post-processor puts before a text (transformers 5 reads them
+    there, and ignores tokenizer_config.json's add_bos_token beside a tokenizer.json)."""
+    for p in (post or {}).get("processors", [post or {}]):
         if p.get("type") == "TemplateProcessing":
             before = []
             for item in p["single"]:

@@ -1,6 +1,7 @@
 """Tokenizers: byte-level BPE from a GGUF-style vocabulary and from HF files, and the default
 model's (SmolLM2) tokenizer: round trips, digit splitting, special tokens, chat prompts."""
 import json
+import struct
 
 import gguf
 import pytest
@@ -187,10 +188,12 @@ def test_llama3_tokenizer_model_loads_with_the_model(tmp_path, where):
     assert t.decode(t.prompt("hi")) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    (tmp_path / where).write_bytes(b"\n\x05\x00\xff\x12 protobuf\n")  # a SentencePiece model, as Llama 2 ships
-    with pytest.raises(models.LoadError, match="is not a tiktoken BPE file") as e:
-        models.load(tmp_path)
-    assert "\n" not in str(e.value)
+    for junk, what in ((b"\n\x05\x00\xff\x12 protobuf\n", "is not a SentencePiece model"),
+                       (b"not base64\n", "is neither a tiktoken BPE file nor a SentencePiece model")):
+        (tmp_path / where).write_bytes(junk)
+        with pytest.raises(models.LoadError, match=what) as e:
+            models.load(tmp_path)
+        assert "\n" not in str(e.value)
 
 
 # ============================================================================ the default model's
@@ -477,6 +480,79 @@ def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
     assert [t for w in sp.words(text) for t in sp.word(w)[0]] == list(whole) or sp.split
 
 
+def protobuf(*fields):
+    """A protobuf message of (field number, value) fields: an int is a varint, a float a fixed32,
+    bytes or str length-delimited."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += varint(number << 3) + varint(value)
+        elif isinstance(value, float):
+            out += varint(number << 3 | 5) + struct.pack("<f", value)
+        else:
+            value = value.encode() if isinstance(value, str) else value
+            out += varint(number << 3 | 2) + varint(len(value)) + value
+    return out
+
+
+def write_sentencepiece_model(path, pieces, model_type=2):
+    """tokenizer.model: a SentencePiece ModelProto of (piece, type) pieces, scored by position, with
+    byte fallback, an identity normalizer and Llama 2's 'Ġ'-free settings (sentencepiece_model.proto)."""
+    body = b"".join(protobuf((1, protobuf((1, p), (2, -float(i)), (3, t)))) for i, (p, t) in enumerate(pieces))
+    trainer = protobuf((3, model_type), (35, 1), (40, 0), (41, 1), (42, 2))  # model_type, byte_fallback, unk/bos/eos ids
+    (path / "tokenizer.model").write_bytes(body + protobuf((2, trainer), (3, protobuf((1, "identity"), (3, 1)))))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    """(ours from a tokenizer.model and tokenizer_config.json, transformers' AutoTokenizer of the
+    tokenizer.json transformers makes of that model: its vocabulary, generate_merges' merges)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models as tmodels, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    trained = save_sentencepiece(tmp_path_factory.mktemp("trained"), "llama-class")
+    vocab = json.loads((trained / "tokenizer.json").read_text())["model"]["vocab"]
+    pieces = sorted(vocab, key=vocab.get)
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)  # <unk>, <s> </s>, the bytes, the pieces
+    ours, theirs = tmp_path_factory.mktemp("model"), tmp_path_factory.mktemp("json")
+    write_sentencepiece_model(ours, list(zip(pieces, types)))
+    t = HFTokenizer(tmodels.BPE(vocab, generate_merges(vocab), byte_fallback=True, fuse_unk=True))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # add_bos_token's
+    t.add_special_tokens(SP_SPECIALS)
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(theirs)
+    config = {**json.loads((theirs / "tokenizer_config.json").read_text()), "tokenizer_class": "LlamaTokenizerFast",
+              "legacy": False, "add_bos_token": True}
+    for path in (ours, theirs):
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.from_hf_dir(ours), AutoTokenizer.from_pretrained(theirs, split_special_tokens=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_model_file_ids_equal_transformers(sentencepiece_model, s):
+    ours, theirs = sentencepiece_model
+    ids = ours.encode(s)
+    assert ids == theirs.encode(s, add_special_tokens=False)
+    assert ours.bos + ids == theirs.encode(s)
+    assert ours.decode(ids) == theirs.decode(ids)
+
+
+def test_sentencepiece_model_file_of_another_kind_is_refused(tmp_path):
+    write_sentencepiece_model(tmp_path, [("<unk>", 2), ("▁a", 1)], model_type=1)
+    with pytest.raises(ValueError, match="is a SentencePiece Unigram model: only SentencePiece BPE"):
+        tok.from_hf_dir(tmp_path)
+
+
 def sentencepiece_refused(path, style):
     """tokenizer.json files of the kinds still refused, built with `tokenizers`."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -499,7 +575,8 @@ def test_tokenizers_of_other_kinds_are_refused_when_the_model_loads(tmp_path, st
     ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(tiny_llama(vocab_size=97).cfg),
                              ck.llama_hf_tensors(tiny_llama(vocab_size=97)))
     sentencepiece_refused(tmp_path, style)
-    with pytest.raises(models.LoadError, match=f"is {what}.*only byte-level BPE .* and SentencePiece-style BPE") as e:
+    with pytest.raises(models.LoadError, match=f"is {what}: only BPE tokenizers can be read.*Unigram's most likely "
+                                               "segmentation .* and WordPiece's longest-match are not implemented") as e:
         models.load(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
 
