@@ -480,6 +480,19 @@ def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
     assert [t for w in sp.words(text) for t in sp.word(w)[0]] == list(whole) or sp.split
 
 
+@pytest.mark.parametrize("part,spec,what", [
+    ("normalizer", {"type": "NFKC"}, "its NFKC normalizer is not one a SentencePiece-style tokenizer uses"),
+    ("pre_tokenizer", {"type": "Whitespace"}, "its pre-tokenizer .* is not a Metaspace"),
+    ("decoder", {"type": "WordPiece"}, "its decoder WordPiece is not one a SentencePiece-style tokenizer uses")])
+def test_sentencepiece_parts_it_cannot_run_are_refused_in_one_sentence(tmp_path, part, spec, what):
+    path = save_sentencepiece(tmp_path, "llama2")
+    tj = json.loads((path / "tokenizer.json").read_text())
+    (path / "tokenizer.json").write_text(json.dumps({**tj, part: spec}))
+    with pytest.raises(ValueError, match=f"tokenizer.json is SentencePiece-style BPE, but {what}") as e:
+        tok.from_hf_dir(path)
+    assert "\n" not in str(e.value)
+
+
 def protobuf(*fields):
     """A protobuf message of (field number, value) fields: an int is a varint, a float a fixed32,
     bytes or str length-delimited."""
