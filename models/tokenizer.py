@@ -566,7 +566,7 @@ class SentencePieceBPE:
 
     def word(self, w):
         """The (ids, starts) of a word, cached (the cache is emptied when it holds 2^17 words):
-        those of its pieces (pieces()), which merge alone and are cached too."""
+        those of its pieces (pieces()), each merged alone and cached too."""
         hit = self.cache.get(w)
         if hit is None:
             if len(self.cache) >= 1 << 17:
@@ -577,7 +577,7 @@ class SentencePieceBPE:
             else:
                 ids, starts, at = [], [], 0
                 for p in pieces:
-                    got, where = self.word(p)
+                    got, where = self.cache.get(p) or self.cache.setdefault(p, self.bpe(p))
                     ids += got
                     starts += [at + s for s in where]
                     at += len(p)
@@ -599,6 +599,9 @@ class SentencePieceBPE:
             return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
         word = self.whole_word if self.ignore_merges and self.split else self.word
         if not offsets:
+            if word == self.word:  # the cache looked up inline: most words are there
+                hit = self.cache.get
+                return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
             return [t for w in self.words(text) for t in word(w)[0]]
         ids, starts, at = [], [], 0
         for w in self.words(text):
