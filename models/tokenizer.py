@@ -598,10 +598,10 @@ class SentencePieceBPE:
         if self.ignore_merges and not self.split and text in self.vocab:
             return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
         word = self.whole_word if self.ignore_merges and self.split else self.word
+        if not offsets and word == self.word:  # the cache looked up inline: most words are there
+            hit = self.cache.get
+            return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
         if not offsets:
-            if word == self.word:  # the cache looked up inline: most words are there
-                hit = self.cache.get
-                return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
             return [t for w in self.words(text) for t in word(w)[0]]
         ids, starts, at = [], [], 0
         for w in self.words(text):
