@@ -44,6 +44,14 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
   dtype's GEMM rate; greedy generation tokens/s (4 prompts of 16 random tokens, 32 new tokens
   each) against float32; and models.load's time and peak RSS per dtype, each in a fresh process
   (an RSS high-water mark belongs to a process), next to a process that only imports.
+- Tokenizers: encoding 1 MB of text with the default model's byte-level tokenizer (tiktoken, in
+  Rust) and with the SentencePiece-style BPE (models.tokenizer.SentencePieceBPE, in Python) of the
+  same vocabulary and merges: its tokens that are whole UTF-8 text with ' ' written '▁', plus the
+  256 byte tokens, as a Llama 2 tokenizer.json lays them out. Each repeat starts the SentencePiece
+  word cache empty, as a first pass over a data set does, so its time grows with the number of
+  distinct words: two texts, the built-in task's questions and worked answers (few distinct words,
+  as in fine-tuning data) and Python's own documentation (pydoc's topics: prose, code and tables,
+  many distinct words); the target is on the second.
 - SARA and Mo-SARA initialisation: the methods' own apply (SARA: singular values only, in float64;
   Mo-SARA: one float32 SVD, truncated to the top-k vectors) against a full float32
   torch.linalg.svd of the same matrices: the model's target matrices, and (once) a random n x n one.
@@ -90,6 +98,7 @@ TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
     **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in methods.NAMES},
     "ours_over_peft_low_step": (1.00, "our LoRA step / peft's, both --dtype"),
     "ours_over_peft_low_memory": (1.00, "our LoRA memory / peft's, both --dtype"),
+    "sentencepiece_over_byte_level_encode": (2.00, "SentencePiece-style / byte-level encode"),
 }
 # a fresh process loads the model; VmHWM is its own RSS high-water mark (getrusage's ru_maxrss
 # would carry over the parent's across exec)
@@ -461,6 +470,58 @@ def bench_dtype(args, base, batch, steps32, dtype, with_peft):
     return out
 
 
+def sentencepiece_twin():
+    """A SentencePieceBPE holding the default model's vocabulary and merges, spelt as Llama 2's
+    tokenizer.json spells them (see the docstring), and the default model's own tokenizer."""
+    import gguf
+
+    from models import tokenizer as mtok
+
+    fields = gguf.GGUFReader(models.resolve()).fields
+    tokens, merges = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
+    dec = mtok.byte_decoder()
+
+    def text(token):
+        with contextlib.suppress(KeyError, UnicodeDecodeError):
+            return bytes(dec[c] for c in token).decode("utf-8").replace(" ", mtok.SPACE)
+
+    vocab = {t: i for i, t in enumerate(map(text, tokens)) if t}
+    vocab.update({f"<0x{b:02X}>": len(tokens) + b for b in range(256)})
+    pairs = [(a, b) for a, b in ((text(x), text(y)) for x, y in (m.split(" ") for m in merges))
+             if a and b and a + b in vocab]
+    spec = {"vocab": vocab, "merges": pairs, "byte_fallback": True, "fuse_unk": True}
+    steps = mtok.decoder_steps({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": mtok.SPACE}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]})
+    sp = mtok.SentencePieceBPE("smollm2-sentencepiece", spec, [], [("prepend", mtok.SPACE),
+                                                                   ("replace", " ", mtok.SPACE)], None, steps)
+    return sp, models.load()[1]
+
+
+def bench_tokenizer(repeats, size=2 ** 20):
+    """text -> seconds to encode `size` bytes of it, byte-level and SentencePiece-style, and the tokens."""
+    import data
+    import pydoc_data.topics
+
+    sp, byte_level = sentencepiece_twin()
+    examples = data.arithmetic("train") + data.arithmetic("val") + data.arithmetic("test")
+    texts = {"task": "\n\n".join(f"{e.question}\n{e.response}" for e in examples),
+             "docs": "\n\n".join(pydoc_data.topics.topics.values())}
+    out = {}
+    for name, text in texts.items():
+        text = (text * (size // len(text.encode()) + 1)).encode()[:size].decode("utf-8", "ignore")
+
+        def sentencepiece():
+            sp.cache.clear()
+            sp.encode_ordinary(text)
+
+        times = interleaved({"byte_level": lambda: byte_level.encode(text), "sentencepiece": sentencepiece},
+                            repeats, torch.device("cpu"))
+        out[name] = {k: statistics.median(v) for k, v in times.items()}
+        out[name]["tokens"] = {"byte_level": len(byte_level.encode(text)), "sentencepiece": len(sp.encode_ordinary(text))}
+    return out
+
+
 def bench_init(base, svd_size, repeats, device):
     lora = methods.get("lora")  # finds SARA's default targets by name without an SVD
     targets = list(lora.ranks(lora.apply(share_base(base), lora.Config(targets=methods.get("sara").Config().targets))))
@@ -579,6 +640,8 @@ def main(argv=None):
         res[f"{n}_step_gflop"] = f / 1e9
         res[f"{n}_step_fraction_of_gemm"] = f / res["steps"][n]["median_s"] / 1e9 / gemm
 
+    res["tokenizer"] = bench_tokenizer(args.repeats)
+    res["sentencepiece_over_byte_level_encode"] = res["tokenizer"]["docs"]["sentencepiece"] / res["tokenizer"]["docs"]["byte_level"]
     res["init"] = bench_init(base, args.svd_size, 1 if args.quick else args.repeats, args.device)
     for n in ("sara", "mosara"):
         res[f"{n}_init_over_full_svd"] = res["init"]["model"][n] / res["init"]["model"]["full_svd"]
@@ -626,6 +689,11 @@ def report(res):
         f"({100 * res['frozen_step_fraction_of_gemm']:.0f}% of GEMM), LoRA step {res['lora_step_gflop']:.1f} GFLOP "
         f"({100 * res['lora_step_fraction_of_gemm']:.0f}%)",
     ]
+    for name, what in (("task", "the built-in task's text"), ("docs", "Python's documentation")):
+        t = res["tokenizer"][name]
+        lines.append(f"encode 1 MB of {what}: byte-level {t['byte_level']:.2f} s ({t['tokens']['byte_level']:,} tokens), "
+                     f"SentencePiece-style {t['sentencepiece']:.2f} s ({t['tokens']['sentencepiece']:,} tokens, "
+                     f"{t['sentencepiece'] / t['byte_level']:.2f}x)")
     for key, what in (("model", "the model's target matrices"), ("random", "a random matrix")):
         i = res["init"][key]
         lines.append(f"init on {what} ({i['matrices']}: {', '.join(i['shapes'])}): SARA {i['sara']:.2f} s, "

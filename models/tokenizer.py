@@ -1,18 +1,23 @@
-"""Tokenizers as tiktoken Encodings, built offline from what a checkpoint ships.
+"""Tokenizers built offline from what a checkpoint ships.
 
-Sources: a GGUF vocabulary (byte-level BPE), a Hugging Face `tokenizer.json` or GPT-2's
-`vocab.json` + `merges.txt` (byte-level BPE), and a Llama-3 `tokenizer.model` (tiktoken format).
-Anything else (SentencePiece-style BPE as Llama 2 ships it, Unigram, WordPiece) is refused with
-what it is (not_byte_level). Chat prompts render the checkpoint's own Jinja chat template as
-transformers does (jinja2 imported only then), else a built-in ChatML or Llama-3 format.
-Byte-level BPE vocabularies list tokens as printable strings through GPT-2's byte<->unicode map,
-and their ids follow merge order, so a token's id is its tiktoken rank.
+Byte-level BPE runs as a tiktoken Encoding: a GGUF vocabulary, a Hugging Face `tokenizer.json` or
+GPT-2's `vocab.json` + `merges.txt`, and a Llama-3 `tokenizer.model` (tiktoken format). Byte-level
+vocabularies list tokens as printable strings through GPT-2's byte<->unicode map, and their ids
+follow merge order, so a token's id is its tiktoken rank. SentencePiece-style BPE (Llama 2, Mistral
+7B, TinyLlama, Phi-3: '▁' for spaces, <0xNN> byte fallback) merges characters, not bytes, so it runs
+here in Python (SentencePieceBPE), as Hugging Face's `tokenizers` runs its tokenizer.json. Unigram
+and WordPiece are refused with what they are. Chat prompts render the checkpoint's own Jinja chat
+template as transformers does (jinja2 imported only then), else a built-in ChatML or Llama-3 format.
 """
 import base64
 import datetime
 import functools
+import heapq
 import importlib.util
+import itertools
 import json
+import math
+import operator
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ class Tokenizer:
     template: str | None = None  # the checkpoint's own chat template (Jinja), rendered where jinja2 is
     template_from: str = "the model's tokenizer"  # where it was read: errors name it
     names: dict = field(default_factory=dict)  # what templates read besides messages: bos_token, eos_token
+    bos: list[int] = field(default_factory=list)  # what the model expects before a text (Llama 2's <s>)
 
     def spellable(self, text):
         """`text` normalized as the tokenizer.json says, less the characters whose UTF-8 holds a
@@ -141,7 +147,7 @@ class Tokenizer:
     def prompt(self, user):
         """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
         if self.chat is None and self.template is None:
-            return self.encode(user)
+            return self.bos + self.encode(user)
         return self.encode_chat(self.render([{"role": "user", "content": user}], add_generation_prompt=True))
 
 
@@ -210,8 +216,8 @@ def from_vocab(name, vocab, specials, pattern, template=None, names=None):
     return tok
 
 
-def with_chat(enc, template=None, names=None):
-    """The Tokenizer of `enc`: the checkpoint's template and its token names (bos_token, eos_token),
+def with_chat(enc, template=None, names=None, kind=Tokenizer):
+    """The `kind` of Tokenizer of `enc`: the checkpoint's template and its token names (bos_token, eos_token),
     the built-in format the special tokens allow (ChatML, Llama 3), and the stop tokens: the format's
     end of turn first (what training appends to a response), then the end-of-text tokens and eos."""
     sp, names = enc.special_tokens_set, {k: v for k, v in (names or {}).items() if v}
@@ -224,7 +230,7 @@ def with_chat(enc, template=None, names=None):
         chat, system, ends = None, None, ["<|endoftext|>", "</s>", "<|end_of_text|>"]
     ends.append(names.get("eos_token"))
     stop = [enc.encode_single_token(t) for t in dict.fromkeys(ends) if t in sp]
-    return Tokenizer(enc, chat, system, stop, template=template, names=names)
+    return kind(enc, chat, system, stop, template=template, names=names)
 
 
 def from_gguf(fields):
@@ -258,15 +264,12 @@ NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")  # unicodedata's own
 
 
 def not_byte_level(tj):
-    """What a tokenizer.json is, in words, when it is not byte-level BPE as tiktoken reads it; None
-    when it is. SentencePiece-style BPE (Llama 2, Mistral 7B, TinyLlama: '▁' for spaces, <0x..>
-    byte fallback) merges characters, not bytes, which tiktoken cannot express."""
+    """What a tokenizer.json is, in words, when it is not byte-level BPE as tiktoken reads it (nor
+    SentencePiece-style BPE, which SentencePieceBPE reads); None when it is."""
     model = tj.get("model") or {}
     parts = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer"), tj.get("decoder")], ensure_ascii=False)
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         return f"a {model.get('type')} tokenizer"
-    if model.get("byte_fallback") or "Metaspace" in parts or "▁" in parts:
-        return "SentencePiece-style BPE ('▁' for spaces, byte fallback)"
     if '"ByteLevel"' not in parts:
         return "BPE over characters, not bytes"
     if '"add_prefix_space": true' in json.dumps(tj.get("pre_tokenizer")):
@@ -277,13 +280,22 @@ def not_byte_level(tj):
     return None
 
 
-def hf_chat(path):
+READABLE = ("only BPE tokenizers can be read, byte-level (GPT-2, Llama 3, SmolLM, Qwen2 and the like) or "
+            "SentencePiece-style (Llama 2, Mistral 7B, TinyLlama, Phi-3): Unigram's most likely segmentation "
+            "under its piece scores and WordPiece's longest-match are not implemented")
+
+
+def hf_config(path):
+    """tokenizer_config.json of a checkpoint directory, {} when there is none."""
+    if (path / "tokenizer_config.json").exists():
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def hf_chat(path, config):
     """(chat template or None, the file it is in, {bos_token, eos_token}) of a checkpoint directory:
     the template from tokenizer_config.json (a string, or a list of named ones: "default") or
     chat_template.jinja, where transformers 5 saves it."""
-    config = {}
-    if (path / "tokenizer_config.json").exists():
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     template, source = config.get("chat_template"), path / "tokenizer_config.json"
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -300,27 +312,18 @@ def hf_chat(path):
 def from_hf_dir(path):
     """A tokenizer from a checkpoint directory, or None when it ships none we can read."""
     path = Path(path)
-    template, source, names = hf_chat(path)
-    tok = from_hf_files(path, template, names)
+    config = hf_config(path)
+    template, source, names = hf_chat(path, config)
+    tok = from_hf_files(path, config, template, names)
     if tok is not None:
         tok.template_from = str(source)
     return tok
 
 
-def from_hf_files(path, template, names):
+def from_hf_files(path, config, template, names):
     """from_hf_dir's tokenizer, from whichever files the directory ships."""
     if (path / "tokenizer.json").exists():
-        tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        unreadable = not_byte_level(tj)
-        if unreadable:
-            raise ValueError(f"{path / 'tokenizer.json'} is {unreadable}: only byte-level BPE tokenizers "
-                             f"(GPT-2, Llama 3, SmolLM, Qwen2 and the like) can be read")
-        vocab = dict(tj["model"]["vocab"])
-        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        vocab.update(specials)
-        tok = from_vocab(path.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
-        tok.normalize = (tj.get("normalizer") or {}).get("type")
-        return tok
+        return from_tokenizer_json(path / "tokenizer.json", config, template, names)
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
@@ -328,8 +331,38 @@ def from_hf_files(path, template, names):
     if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
         model_file = path / "tokenizer.model"
         model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
+        if model_file.read_bytes()[:1] == b"\n":  # a protobuf's first field, never a base64 line
+            enc = from_sentencepiece_model(model_file, config)
+            tok = with_chat(enc, template, names, SentencePieceTokenizer)
+            bos = names["bos_token"] or "<s>"  # LlamaTokenizer's default
+            tok.bos = [enc.encode_single_token(bos)] if config.get("add_bos_token") else []
+            return tok
         return from_llama3_model(model_file, template, names)
     return None
+
+
+def from_tokenizer_json(file, config, template, names):
+    """The tokenizer of a tokenizer.json: byte-level BPE in tiktoken, SentencePiece-style BPE in
+    SentencePieceBPE; anything else is refused with what it is."""
+    tj = json.loads(file.read_text(encoding="utf-8"))
+    if sentencepiece_style(tj):
+        try:
+            enc = from_sentencepiece_json(file.parent.name, tj, config)
+        except ValueError as e:
+            raise ValueError(f"{file} is SentencePiece-style BPE, but {e}") from None
+        tok = with_chat(enc, template, names, SentencePieceTokenizer)
+        tok.bos = post_processor_bos(tj.get("post_processor"))
+        return tok
+    unreadable = not_byte_level(tj)
+    if unreadable:
+        raise ValueError(f"{file} is {unreadable}: {READABLE}")
+    vocab = dict(tj["model"]["vocab"])
+    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    vocab.update(specials)
+    tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
+    tok.normalize = (tj.get("normalizer") or {}).get("type")
+    tok.bos = post_processor_bos(tj.get("post_processor"))
+    return tok
 
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -346,11 +379,516 @@ def from_llama3_model(model_file, template=None, names=None):
         ranks = {base64.b64decode(token, validate=True): int(rank)
                  for token, rank in (line.split() for line in lines if line)}
     except ValueError:  # a line that is not "base64 rank" (binascii.Error is one too)
-        raise ValueError(f"{model_file} is not a tiktoken BPE file (a SentencePiece model, as Llama 2 "
-                         "ships, cannot be read without the sentencepiece package)") from None
+        raise ValueError(f"{model_file} is neither a tiktoken BPE file nor a SentencePiece model") from None
     specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
     return with_chat(tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
                                        special_tokens=specials), template, names)
+
+
+# ----------------------------------------------------------------------------- SentencePiece-style BPE
+
+SPACE = "▁"  # SentencePiece's stand-in for a space
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Rust's char::is_whitespace
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # transformers 5 rebuilds their pipeline (llama_pipeline)
+
+
+class SentencePieceBPE:
+    """SentencePiece-style BPE as Hugging Face's `tokenizers` runs a tokenizer.json, with the methods
+    of a tiktoken Encoding that Tokenizer uses. A text splits at the added tokens into runs; each
+    run is normalized (spaces -> '▁', a '▁' put before it) and cut into words, and each word is
+    merged: starting from its characters (a character outside the vocabulary becomes its UTF-8
+    byte tokens <0xNN> with byte_fallback, else <unk>), the adjacent pair with the lowest merge rank,
+    the leftmost of equals, merges until none is left. Words are cached, so common text costs a
+    dict lookup per word.
+
+    `tokenizers` merges a whole run when no pre-tokenizer splits it (Llama 2's tokenizer.json), so
+    words here are cut only where no merge can cross: between two characters that no token holds
+    side by side (a merge makes a token, so none joins them), the second one in the vocabulary (a
+    waiting <unk> goes no further). Runs are cut so before a '▁' by a regex, and a word missing
+    from the cache again into pieces, each merged alone and cached: the same tokens as the run's."""
+
+    def __init__(self, name, model, added, normalizer, metaspace, decoder, llama_class=False):
+        """model: tokenizer.json's "model"; added: its added_tokens; normalizer: ("prepend", s) and
+        ("replace", a, b) steps; metaspace: (prepend_scheme, split) or None; decoder: decoder_steps'."""
+        self.name, self.normalizer, self.metaspace, self.decode_steps = name, normalizer, metaspace, decoder
+        self.split = bool(metaspace and metaspace[1])
+        self.vocab = dict(model["vocab"])
+        unk = model.get("unk_token")
+        self.unk = None if llama_class or unk is None else self.vocab[unk]  # LlamaTokenizer passes no unk
+        self.byte_fallback = llama_class or bool(model.get("byte_fallback"))
+        self.fuse_unk = llama_class or bool(model.get("fuse_unk"))
+        self.ignore_merges = not llama_class and bool(model.get("ignore_merges"))
+        self.merges = {}  # (left id, right id) -> (rank, merged id); a repeated pair keeps its last rank
+        for rank, m in enumerate(model.get("merges", [])):
+            a, b = m.split(" ") if isinstance(m, str) else m
+            self.merges[self.vocab[a], self.vocab[b]] = (rank, self.vocab[a + b])
+        self.added = {t["content"]: t["id"] for t in added}
+        self.lstrip = {t["id"] for t in added if t.get("lstrip")}
+        self.rstrip = {t["id"] for t in added if t.get("rstrip")}
+        self.tokens = {i: t for t, i in self.vocab.items()} | {i: t for t, i in self.added.items()}
+        self.n_vocab = max(self.tokens) + 1
+        self.pairs = {a * self.n_vocab + b: rank << 32 | new for (a, b), (rank, new) in self.merges.items()}
+        self.special_tokens_set = set(self.added)
+        self.added_re = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))) \
+            if self.added else None
+        self.split_re = re.compile(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+")
+        self.bigrams = self.joins()
+        self.cut = self.cut_before_space()
+        self.cache = {}
+
+    def joins(self):
+        """The pairs of adjacent characters some token holds (the only places a merge can join
+        two words), or None when merges could join what no token spells: a merge with a byte
+        token or <unk> (such a vocabulary is merged a run at a time, as `tokenizers` does)."""
+        special = {i for t, i in self.vocab.items() if BYTE_TOKEN.fullmatch(t)} | {self.unk}
+        if any(a in special or b in special for a, b in self.merges):
+            return None
+        return {t[i:i + 2] for t in self.vocab for i in range(len(t) - 1)}
+
+    def cut_before_space(self):
+        """The regex that cuts a run before each '▁' no token joins to the character before it, or None."""
+        if self.bigrams is None or SPACE not in self.vocab:
+            return None
+        before = {a for a, b in self.bigrams if b == SPACE and a != SPACE}
+        return re.compile(f"(?<=[^{re.escape(SPACE + ''.join(sorted(before)))}])(?={SPACE})")
+
+    def pieces(self, word):
+        """`word` cut between each two characters no token holds together, where the second is
+        in the vocabulary (before one that is not, an <unk> may be waiting to fuse with it). A
+        word of letters and digits after its '▁'s is taken whole: it seldom has such a cut, and
+        looking costs more."""
+        if self.bigrams is None or word.lstrip(SPACE).isalnum():
+            return [word]
+        apart = map(operator.not_, map(self.bigrams.__contains__, map(operator.add, word, word[1:])))
+        cuts = list(itertools.compress(range(1, len(word)), map(operator.and_, apart,
+                                                                 map(self.vocab.__contains__, word[1:]))))
+        return [word[a:b] for a, b in zip([0, *cuts], [*cuts, len(word)])]
+
+    def normalize(self, run, first):
+        """(text, n): a run as the normalizer and the Metaspace pre-tokenizer leave it, and how many
+        characters they put before it. `first`: the run starts the text (Metaspace's "first")."""
+        text, n = run, 0
+        for step in self.normalizer:
+            if step[0] == "prepend" and text:
+                text, n = step[1] + text, n + len(step[1])
+            elif step[0] == "replace":
+                text = text.replace(step[1], step[2])
+        if self.metaspace:
+            scheme = self.metaspace[0]
+            text = text.replace(" ", SPACE)
+            if (scheme == "always" or scheme == "first" and first) and not text.startswith(SPACE):
+                text, n = SPACE + text, n + 1
+        return text, n
+
+    def words(self, text):
+        """The words of a normalized run."""
+        if self.split:  # Metaspace's split: each '▁' starts a word
+            return self.split_re.findall(text)
+        return self.cut.split(text) if self.cut else [text]
+
+    def symbols(self, word):
+        """(id, index of its character) of each character of `word`, as `tokenizers` starts a word:
+        a character outside the vocabulary is its byte tokens, else <unk> (runs of them fused with
+        fuse_unk), else dropped. An <unk> waits for the next character in the vocabulary, so byte
+        tokens that come first go before it, as there."""
+        out, unk = [], None
+        for i, c in enumerate(word):
+            t = self.vocab.get(c)
+            if t is not None:
+                if unk:
+                    out.append(unk)
+                    unk = None
+                out.append((t, i))
+                continue
+            if self.byte_fallback:
+                ids = [self.vocab.get(f"<0x{b:02X}>") for b in c.encode("utf-8")]
+                if None not in ids:
+                    out += [(t, i) for t in ids]
+                    continue
+            if self.unk is not None:
+                if unk and not self.fuse_unk:
+                    out.append(unk)
+                    unk = None
+                unk = unk or (self.unk, i)
+        return out + [unk] if unk else out
+
+    def bpe(self, word):
+        """(ids, starts) of one word: the merges as `tokenizers`' Word::merge_all makes them, which
+        is always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
+        ids = list(map(self.vocab.get, word))
+        if None in ids:
+            ids, starts = map(list, zip(*self.symbols(word))) if word else ([], [])
+        else:
+            starts = list(range(len(word)))
+        merge = self.merge_short if len(ids) <= 256 else self.merge_heap
+        return merge(ids, starts) if ids else ((), ())
+
+    def merge_short(self, ids, starts):
+        """bpe's merges on a short word: the ranks of its adjacent pairs in a list that each merge
+        updates, the lowest found by min() (quadratic in the length, but in C). A pair is keyed
+        left * n_vocab + right, and its rank * 2^32 + merged id sorts as its rank."""
+        pairs, v, none = self.pairs, self.n_vocab, math.inf
+        ranks = [pairs.get(a * v + b, none) for a, b in zip(ids, ids[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == none:
+                break
+            i = ranks.index(best)  # the leftmost
+            ids[i:i + 2] = [best & 0xFFFFFFFF]
+            del starts[i + 1], ranks[i]
+            if i < len(ranks):
+                ranks[i] = pairs.get(ids[i] * v + ids[i + 1], none)
+            if i > 0:
+                ranks[i - 1] = pairs.get(ids[i - 1] * v + ids[i], none)
+        return tuple(ids), tuple(starts)
+
+    def merge_heap(self, ids, starts):
+        """bpe's merges on a long word as `tokenizers` makes them: a heap of (rank, position)."""
+        n, merges = len(ids), self.merges
+        nxt, prv = list(range(1, n)) + [-1], list(range(-1, n - 1))
+        heap = [(m[0], i, m[1]) for i in range(n - 1) if (m := merges.get((ids[i], ids[i + 1])))]
+        heapq.heapify(heap)
+        while heap:
+            _, i, new = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] is None or j < 0 or (m := merges.get((ids[i], ids[j]))) is None or m[1] != new:
+                continue  # a pair that merged away since
+            ids[i], ids[j] = new, None
+            nxt[i] = k = nxt[j]
+            if k >= 0:
+                prv[k] = i
+            for a, b in ((prv[i], i), (i, k)):
+                if a >= 0 and b >= 0 and (m := merges.get((ids[a], ids[b]))):
+                    heapq.heappush(heap, (m[0], a, m[1]))
+        keep = [i for i in range(n) if ids[i] is not None]
+        return tuple(ids[i] for i in keep), tuple(starts[i] for i in keep)
+
+    def word(self, w):
+        """The (ids, starts) of a word, cached (the cache is emptied when it holds 2^17 words):
+        those of its pieces (pieces()), each merged alone and cached too."""
+        hit = self.cache.get(w)
+        if hit is None:
+            if len(self.cache) >= 1 << 17:
+                self.cache.clear()
+            pieces = self.pieces(w)
+            if len(pieces) == 1:
+                hit = self.bpe(w)
+            else:
+                ids, starts, at = [], [], 0
+                for p in pieces:
+                    got, where = self.cache.get(p) or self.cache.setdefault(p, self.bpe(p))
+                    ids += got
+                    starts += [at + s for s in where]
+                    at += len(p)
+                hit = tuple(ids), tuple(starts)
+            self.cache[w] = hit
+        return hit
+
+    def whole_word(self, w):
+        """word(w), but a word of the vocabulary is its token (ignore_merges)."""
+        return ((self.vocab[w],), (0,)) if w in self.vocab else self.word(w)
+
+    def encode_run(self, run, first, offsets=False):
+        """ids of a run of text holding no added token (with `offsets`: and the index in `run` of
+        each token's first character; a '▁' put before the run counts as its first character)."""
+        if not run:
+            return ([], []) if offsets else []
+        text, n = self.normalize(run, first)
+        if self.ignore_merges and not self.split and text in self.vocab:
+            return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
+        word = self.whole_word if self.ignore_merges and self.split else self.word
+        if not offsets and word == self.word:  # the cache looked up inline: most words are there
+            hit = self.cache.get
+            return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
+        if not offsets:
+            return [t for w in self.words(text) for t in word(w)[0]]
+        ids, starts, at = [], [], 0
+        for w in self.words(text):
+            got, where = word(w)
+            ids += got
+            starts += [max(at + s - n, 0) for s in where]
+            at += len(w)
+        return ids, starts
+
+    def encode_ordinary(self, text):
+        """The whole text as one run: added-token strings in it are text."""
+        return self.encode_run(text, True)
+
+    def split_added(self, text):
+        """[(text, None) or (token string, id)]: `text` cut at its added tokens, leftmost-longest
+        first, a token marked lstrip/rstrip taking the whitespace beside it, as `tokenizers` does."""
+        out, at = [], 0
+        for m in self.added_re.finditer(text) if self.added_re else ():
+            start, stop, tid = m.start(), m.end(), self.added[m.group()]
+            if tid in self.lstrip:
+                start = max(at, len(re.sub(f"[{WHITESPACE}]*$", "", text[:start])))
+            if tid in self.rstrip:
+                stop += re.match(f"[{WHITESPACE}]*", text[stop:]).end()
+            if at < start:
+                out.append((text[at:start], None))
+            out.append((text[start:stop], tid))
+            at = stop
+        return out + [(text[at:], None)] if at < len(text) else out
+
+    def encode_single_token(self, token):
+        if token in self.added:
+            return self.added[token]
+        if token in self.vocab:
+            return self.vocab[token]
+        raise KeyError(token)
+
+    def decode(self, ids):
+        """The decoder's text of the tokens (ids it does not know are skipped, as `tokenizers` does)."""
+        tokens = [self.tokens[i] for i in ids if i in self.tokens]
+        for step in self.decode_steps:
+            tokens = step(tokens)
+        return "".join(tokens)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A Tokenizer on a SentencePieceBPE: chat text splits at the format's special tokens only, so
+    a special-token string escaped in a message is text inside the run around it, as transformers
+    reads that text (a run of its own would get a '▁' of its own)."""
+
+    def encode_chat(self, text, offsets=False):
+        runs, chars, where, at = [], [], [], 0  # runs: (id, start) or (text, its characters' starts)
+        for i, part in enumerate(self.chat_parts(text)):
+            if i % 2:
+                s = self.plain[int(part[1:-1])]
+                chars.append(s)
+                where += [at] * len(s)
+            else:
+                k = at
+                for piece, tid in self.enc.split_added(part):
+                    if tid is None:
+                        chars.append(piece)
+                        where += range(k, k + len(piece))
+                    else:
+                        runs += [("".join(chars), where)] if chars else []
+                        runs.append((tid, k))
+                        chars, where = [], []
+                    k += len(piece)
+            at += len(part)
+        runs += [("".join(chars), where)] if chars else []
+        ids, starts = [], []
+        for run, place in runs:
+            if isinstance(run, int):
+                ids.append(run)
+                starts.append(place)
+            else:
+                got, first = self.enc.encode_run(run, place[0] == 0, offsets=True)
+                ids += got
+                starts += [place[j] for j in first]
+        return (ids, starts) if offsets else ids
+
+
+def decoder_steps(spec):
+    """The functions (list of token strings -> list) a tokenizer.json decoder applies, in order."""
+    kind = (spec or {}).get("type")
+    if kind == "Sequence":
+        return [f for d in spec["decoders"] for f in decoder_steps(d)]
+    if kind == "Replace" and "String" in spec["pattern"]:
+        a, b = spec["pattern"]["String"], spec["content"]
+        return [lambda tokens: [t.replace(a, b) for t in tokens]]
+    if kind == "ByteFallback":
+        return [byte_fallback]
+    if kind == "Fuse":
+        return [lambda tokens: ["".join(tokens)]]
+    if kind == "Strip":
+        c, start, stop = spec["content"], spec["start"], spec["stop"]
+        return [lambda tokens: [strip(t, c, start, stop) for t in tokens]]
+    if kind == "Metaspace":
+        drop = metaspace_scheme(spec) != "never"  # the first token loses every '▁', as in `tokenizers`
+        return [lambda tokens: [t.replace(SPACE, "" if i == 0 and drop else " ") for i, t in enumerate(tokens)]]
+    raise ValueError(f"its decoder {kind or 'none'} is not one a SentencePiece-style tokenizer uses "
+                     "(Replace, ByteFallback, Fuse, Strip, Metaspace)")
+
+
+def byte_fallback(tokens):
+    """Runs of <0xNN> tokens as the text of their bytes; bytes that are not UTF-8 are one U+FFFD each."""
+    out, run = [], bytearray()
+    for t in tokens + [None]:
+        m = BYTE_TOKEN.fullmatch(t) if t is not None else None
+        if m:
+            run.append(int(m.group(1), 16))
+            continue
+        if run:
+            try:
+                out.append(run.decode("utf-8"))
+            except UnicodeDecodeError:
+                out += ["\ufffd"] * len(run)
+            run = bytearray()
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def strip(token, c, start, stop):
+    """`tokenizers`' Strip: up to `start` leading and `stop` trailing `c` removed."""
+    head = len(token) - len(token.lstrip(c))
+    tail = len(token) - len(token.rstrip(c))
+    return token[min(head, start):len(token) - min(tail, stop)]
+
+
+def metaspace_scheme(spec):
+    """A Metaspace's prepend_scheme, older files' add_prefix_space read as `tokenizers` reads it."""
+    return "never" if spec.get("add_prefix_space") is False else spec.get("prepend_scheme", "always")
+
+
+def normalizer_steps(spec):
+    """("prepend", s) and ("replace", a, b) steps of a tokenizer.json normalizer."""
+    kind = (spec or {}).get("type")
+    if kind is None:
+        return []
+    if kind == "Sequence":
+        return [s for n in spec["normalizers"] for s in normalizer_steps(n)]
+    if kind == "Prepend":
+        return [("prepend", spec["prepend"])]
+    if kind == "Replace" and len(spec["pattern"].get("String", "")) == 1 == len(spec["content"]):
+        return [("replace", spec["pattern"]["String"], spec["content"])]
+    raise ValueError(f"its {kind} normalizer is not one a SentencePiece-style tokenizer uses (Prepend, "
+                     "Replace of one character)")
+
+
+def metaspace_of(spec):
+    """(prepend_scheme, split) of a tokenizer.json pre-tokenizer that is a Metaspace, None when there is none."""
+    parts = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec]
+    if parts in ([None], []):
+        return None
+    if len(parts) == 1 and parts[0].get("type") == "Metaspace" and parts[0].get("replacement", SPACE) == SPACE:
+        return metaspace_scheme(parts[0]), parts[0].get("split", True)
+    raise ValueError(f"its pre-tokenizer {json.dumps(spec)[:80]} is not a Metaspace")
+
+
+def sentencepiece_style(tj):
+    """Whether a tokenizer.json is SentencePiece-style BPE ('▁' for spaces, byte fallback)."""
+    model = tj.get("model") or {}
+    parts = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer"), tj.get("decoder")], ensure_ascii=False)
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback") or "Metaspace" in parts or SPACE in parts)
+
+
+def llama_pipeline(config):
+    """(normalizer, metaspace, decoder) of transformers 5's LlamaTokenizer, which replaces the
+    tokenizer.json's own: no normalizer, a Metaspace that prepends '▁' to the text's start
+    ("first"; "always" with legacy, "never" without add_prefix_space) and does not split."""
+    prefix = config.get("add_prefix_space") is not False
+    scheme = ("always" if config.get("legacy") else "first") if prefix else "never"
+    decoder = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+               {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    return [], (scheme, False), decoder_steps({"type": "Sequence", "decoders": decoder})
+
+
+def from_sentencepiece_json(name, tj, config):
+    """A SentencePieceBPE of a tokenizer.json (and its tokenizer_config.json, `config`)."""
+    model = tj["model"]
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if model.get(key):
+            raise ValueError(f"its BPE sets {key}, which SentencePiece-style BPE does not use")
+    llama_class = config.get("tokenizer_class") in LLAMA_CLASSES
+    if llama_class:
+        normalizer, metaspace, decoder = llama_pipeline(config)
+    else:
+        normalizer, metaspace = normalizer_steps(tj.get("normalizer")), metaspace_of(tj.get("pre_tokenizer"))
+        decoder = decoder_steps(tj.get("decoder"))
+    return SentencePieceBPE(name, model, tj.get("added_tokens", []), normalizer, metaspace, decoder, llama_class)
+
+
+def protobuf_fields(buf):
+    """(field number, value) of each field of a protobuf message: an int for a varint, bytes for
+    the rest (length-delimited, fixed32, fixed64). Reads bytes only: nothing in them runs."""
+    i = 0
+    while i < len(buf):
+        key, i = varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(buf, i)
+        elif wire == 2:
+            n, i = varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if i > len(buf) or field == 0:
+            raise ValueError("a truncated or malformed protobuf")
+        yield field, value
+
+
+def varint(buf, i):
+    """(the protobuf varint at buf[i], the index after it)."""
+    value = shift = 0
+    while i < len(buf):
+        value |= (buf[i] & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if buf[i - 1] < 0x80:
+            return value, i
+    raise ValueError("a truncated protobuf varint")
+
+
+SP_ADDED = (2, 3, 4)  # sentencepiece_model.proto's SentencePiece.Type: UNKNOWN, CONTROL, USER_DEFINED
+
+
+def read_sentencepiece_model(model_file):
+    """(pieces [(piece, type)], trainer {field: value}, normalizer name) of a SentencePiece
+    ModelProto: its pieces (field 1: piece 1, type 3), trainer_spec (2) and normalizer_spec (3)."""
+    pieces, trainer, normalizer = [], {}, "identity"
+    for field, value in protobuf_fields(Path(model_file).read_bytes()):
+        if field == 1:
+            parts = dict(protobuf_fields(value))
+            pieces.append((parts.get(1, b"").decode("utf-8"), parts.get(3, 1)))
+        elif field == 2:
+            trainer = dict(protobuf_fields(value))
+        elif field == 3:
+            normalizer = dict(protobuf_fields(value)).get(1, b"identity").decode("utf-8")
+    return pieces, trainer, normalizer
+
+
+def sentencepiece_merges(vocab):
+    """The merges transformers 5 makes of a SentencePiece BPE vocabulary (generate_merges): every
+    split of a piece into two pieces, in the order of the piece's id, then the left part's and the
+    right part's length, then their ids."""
+    merges = []
+    for piece, i in vocab.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(i, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
+    return [(a, b) for _, a, b in merges]
+
+
+def from_sentencepiece_model(model_file, config):
+    """A SentencePieceBPE of a SentencePiece tokenizer.model (Llama 2's, where a checkpoint ships no
+    tokenizer.json), read as transformers 5 reads it: LlamaTokenizer's pipeline, merges from the
+    vocabulary, the unknown, control and user-defined pieces as added tokens."""
+    try:
+        pieces, trainer, normalizer = read_sentencepiece_model(model_file)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{model_file} is not a SentencePiece model ({e})") from None
+    kind = {1: "Unigram", 2: "BPE", 3: "word", 4: "character"}.get(trainer.get(3, 1), "unknown")
+    if kind != "BPE":
+        raise ValueError(f"{model_file} is a SentencePiece {kind} model: only SentencePiece BPE (Llama 2, "
+                         "Mistral 7B, TinyLlama) can be read")
+    if normalizer != "identity":
+        raise ValueError(f"{model_file} normalizes text with SentencePiece's {normalizer!r} rules, "
+                         "which are not implemented here")
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    added = [{"id": i, "content": p} for i, (p, t) in enumerate(pieces) if t in SP_ADDED]
+    model = {"vocab": vocab, "merges": sentencepiece_merges(vocab)}
+    return SentencePieceBPE(model_file.parent.name, model, added, *llama_pipeline(config), llama_class=True)
+
+
+def post_processor_bos(post):
+    """The ids a tokenizer.json's post-processor puts before a text (transformers 5 reads them
+    there, and ignores tokenizer_config.json's add_bos_token beside a tokenizer.json)."""
+    for p in (post or {}).get("processors", [post or {}]):
+        if p.get("type") == "TemplateProcessing":
+            before = []
+            for item in p["single"]:
+                if "Sequence" in item:
+                    return before
+                before += p["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+    return []
 
 
 def gguf_to_hf(fields):

@@ -1,5 +1,6 @@
 """What several test files share: running a script, comparing run directories, the contract tests'
 small adapters and training loop. Fixtures are conftest.py's; checkpoint writers are checkpoints.py's."""
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,11 @@ def run(*args, env=None):
     """`python *args` in the repository, its output captured."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def adapters_equal(a, b):

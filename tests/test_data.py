@@ -7,6 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import data
+from helpers import write_jsonl
 from models.tokenizer import Tokenizer
 
 
@@ -66,11 +67,6 @@ def test_load_llm_adapters_json_and_jsonl(tmp_path):
         ex = data.load_examples(tmp_path / f)
         assert len(ex) == 2
         assert (ex[1].question, ex[1].input, ex[1].answer) == ("Pick one.", "A) x B) y", "B")
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.mark.parametrize("records,message", [

@@ -1,6 +1,7 @@
 """Tokenizers: byte-level BPE from a GGUF-style vocabulary and from HF files, and the default
 model's (SmolLM2) tokenizer: round trips, digit splitting, special tokens, chat prompts."""
 import json
+import struct
 
 import gguf
 import pytest
@@ -11,6 +12,7 @@ import checkpoints as ck
 import data
 import models
 from conftest import tiny_llama
+from helpers import write_jsonl
 from models import tokenizer as tok
 
 BYTE_DEC = {c: b for b, c in ck.BYTE_ENC.items()}
@@ -188,10 +190,12 @@ def test_llama3_tokenizer_model_loads_with_the_model(tmp_path, where):
     assert t.decode(t.prompt("hi")) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    (tmp_path / where).write_bytes(b"\n\x05\x00\xff\x12 protobuf\n")  # a SentencePiece model, as Llama 2 ships
-    with pytest.raises(models.LoadError, match="is not a tiktoken BPE file") as e:
-        models.load(tmp_path)
-    assert "\n" not in str(e.value)
+    for junk, what in ((b"\n\x05\x00\xff\x12 protobuf\n", "is not a SentencePiece model"),
+                       (b"not base64\n", "is neither a tiktoken BPE file nor a SentencePiece model")):
+        (tmp_path / where).write_bytes(junk)
+        with pytest.raises(models.LoadError, match=what) as e:
+            models.load(tmp_path)
+        assert "\n" not in str(e.value)
 
 
 # ============================================================================ the default model's
@@ -364,38 +368,230 @@ def test_trained_tokenizer_json_specials_and_merges(trained):
     assert len(ours.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # the merges are applied
 
 
-def sentencepiece_style(path, style):
-    """tokenizer.json files of the kinds that are refused, built with `tokenizers`."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models as tmodels, normalizers, pre_tokenizers, trainers
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+SP_STYLES = ("llama2", "llama-class", "metaspace")
 
-    if style == "llama2":  # Llama 2 / TinyLlama: '▁' by normalizer, byte fallback
-        t = HFTokenizer(tmodels.BPE(unk_token="<unk>", byte_fallback=True))
-        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    elif style == "metaspace":  # newer SentencePiece conversions: a Metaspace pre-tokenizer
-        t = HFTokenizer(tmodels.BPE(unk_token="<unk>"))
+
+def save_sentencepiece(path, style, vocab_size=260):
+    """A SentencePiece-style tokenizer.json trained here with `tokenizers`, laid out as Llama 2's
+    (<unk> <s> </s>, then the 256 byte tokens, then the pieces), saved by transformers:
+    llama2: Prepend("▁") + Replace(" ", "▁") normalizer, byte fallback, a Replace + ByteFallback +
+      Fuse + Strip decoder, <s> put first by the post-processor; its merges were learnt over whole
+      lines, so some cross a '▁' (words are cut only where none can);
+    llama-class: the same files with tokenizer_class LlamaTokenizerFast (legacy false), which
+      transformers 5 loads with its own pipeline: a Metaspace pre-tokenizer ("first", no split);
+    metaspace: a Metaspace pre-tokenizer that splits, <unk> (fused) for what the vocabulary lacks,
+      ignore_merges, a Metaspace decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models as tmodels, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    prepend = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t = HFTokenizer(tmodels.BPE(unk_token="<unk>"))
+    if style == "llama2":
+        t.normalizer = prepend
+    else:
         t.pre_tokenizer = pre_tokenizers.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
-    elif style == "wordpiece":
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SP_SPECIALS))
+    trained = json.loads(t.to_str())["model"]
+    fallback = style != "metaspace"
+    pieces = SP_SPECIALS + [f"<0x{b:02X}>" for b in range(256) if fallback] + [
+        p for p in sorted(trained["vocab"], key=trained["vocab"].get) if p not in SP_SPECIALS]
+    t = HFTokenizer(tmodels.BPE({p: i for i, p in enumerate(pieces)}, [tuple(m) for m in trained["merges"]],
+                                unk_token="<unk>", fuse_unk=True, byte_fallback=fallback,
+                                ignore_merges=not fallback))
+    if fallback:
+        t.normalizer = prepend
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                         special_tokens=[("<s>", 1)])
+    else:
+        t.pre_tokenizer = pre_tokenizers.Metaspace()
+        t.decoder = decoders.Metaspace()
+    t.add_special_tokens(SP_SPECIALS)
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    if style == "llama-class":
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast",
+                                                                "legacy": False}))
+    return path
+
+
+@pytest.fixture(scope="module", params=SP_STYLES)
+def sentencepiece(request, tmp_path_factory):
+    """(our tokenizer, transformers' AutoTokenizer) of one SentencePiece-style tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = save_sentencepiece(tmp_path_factory.mktemp(request.param), request.param)
+    return tok.from_hf_dir(path), AutoTokenizer.from_pretrained(path, split_special_tokens=True)
+
+
+# what stresses SentencePiece-style BPE: leading spaces, whitespace runs, newlines, '▁' itself,
+# accented Latin, CJK, emoji and other characters outside the vocabulary, the specials' strings
+sp_texts = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
+    ["<s>", "</s>", "<unk>", "<0x41>", "▁", " ", "  ", "   ", "\n", "\n\n", "\t", " the", "the quick", "café naïve",
+     "e\u0301", "日本語のテキスト", "🙂👍🏽", "ƒøø", "\r\n", "12345", "we'll"])), max_size=8).map("".join)
+
+
+@settings(max_examples=120, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_ids_equal_transformers(sentencepiece, s):
+    ours, theirs = sentencepiece
+    ids = ours.encode(s)
+    assert ids == theirs.encode(s, add_special_tokens=False)
+    assert ours.bos + ids == theirs.encode(s)
+    assert ours.decode(ids) == theirs.decode(ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=sp_texts.map(lambda s: s.replace("▁", "")))
+def test_sentencepiece_with_byte_fallback_round_trips(sentencepiece, s):
+    """Every character has tokens (its bytes at worst) and a space is a '▁', so the text comes
+    back, less the leading space a Metaspace "first" folds into its own."""
+    ours, theirs = sentencepiece
+    if not ours.enc.byte_fallback:
+        return
+    expect = s[1:] if ours.enc.metaspace and s.startswith(" ") else s
+    assert ours.decode(ours.encode(s)) == expect
+
+
+def test_sentencepiece_specials_bos_and_merges(sentencepiece):
+    ours, theirs = sentencepiece
+    assert [ours.special(t) for t in SP_SPECIALS] == theirs.convert_tokens_to_ids(SP_SPECIALS) == [0, 1, 2]
+    assert ours.bos == ([1] if ours.enc.byte_fallback else [])
+    assert ours.stop == [2] and ours.chat is None
+    assert ours.prompt("hi there") == ours.bos + ours.encode("hi there")
+    assert len(ours.encode(CORPUS[0])) < len(CORPUS[0]) / 2  # the merges are applied
+    if ours.enc.normalizer:  # merges learnt over whole lines cross a '▁': words are cut where none can
+        assert ours.enc.cut is not None and any(len(w) > 1 and "▁" in w[1:] for w in ours.enc.tokens.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
+    """A word's merges as a list of ranks (short words) and as `tokenizers`' heap (long ones):
+    the same tokens, and a run merged whole or cut into words and pieces: the same ids."""
+    sp = sentencepiece[0].enc
+    text = sp.normalize(s, True)[0]
+    if not text:
+        return
+    ids = [sp.vocab.get(c, sp.unk if sp.unk is not None else 3) for c in text]  # <unk> or <0x00> stand in
+    assert sp.merge_short(list(ids), list(range(len(ids)))) == sp.merge_heap(list(ids), list(range(len(ids))))
+    whole = sp.bpe(text)[0]
+    assert [t for w in sp.words(text) for t in sp.word(w)[0]] == list(whole) or sp.split
+
+
+@pytest.mark.parametrize("part,spec,what", [
+    ("normalizer", {"type": "NFKC"}, "its NFKC normalizer is not one a SentencePiece-style tokenizer uses"),
+    ("pre_tokenizer", {"type": "Whitespace"}, "its pre-tokenizer .* is not a Metaspace"),
+    ("decoder", {"type": "WordPiece"}, "its decoder WordPiece is not one a SentencePiece-style tokenizer uses")])
+def test_sentencepiece_parts_it_cannot_run_are_refused_in_one_sentence(tmp_path, part, spec, what):
+    path = save_sentencepiece(tmp_path, "llama2")
+    tj = json.loads((path / "tokenizer.json").read_text())
+    (path / "tokenizer.json").write_text(json.dumps({**tj, part: spec}))
+    with pytest.raises(ValueError, match=f"tokenizer.json is SentencePiece-style BPE, but {what}") as e:
+        tok.from_hf_dir(path)
+    assert "\n" not in str(e.value)
+
+
+def protobuf(*fields):
+    """A protobuf message of (field number, value) fields: an int is a varint, a float a fixed32,
+    bytes or str length-delimited."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += varint(number << 3) + varint(value)
+        elif isinstance(value, float):
+            out += varint(number << 3 | 5) + struct.pack("<f", value)
+        else:
+            value = value.encode() if isinstance(value, str) else value
+            out += varint(number << 3 | 2) + varint(len(value)) + value
+    return out
+
+
+def write_sentencepiece_model(path, pieces, model_type=2):
+    """tokenizer.model: a SentencePiece ModelProto of (piece, type) pieces, scored by position, with
+    byte fallback, an identity normalizer and Llama 2's 'Ġ'-free settings (sentencepiece_model.proto)."""
+    body = b"".join(protobuf((1, protobuf((1, p), (2, -float(i)), (3, t)))) for i, (p, t) in enumerate(pieces))
+    trainer = protobuf((3, model_type), (35, 1), (40, 0), (41, 1), (42, 2))  # model_type, byte_fallback, unk/bos/eos ids
+    (path / "tokenizer.model").write_bytes(body + protobuf((2, trainer), (3, protobuf((1, "identity"), (3, 1)))))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    """(ours from a tokenizer.model and tokenizer_config.json, transformers' AutoTokenizer of the
+    tokenizer.json transformers makes of that model: its vocabulary, generate_merges' merges)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models as tmodels, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    trained = save_sentencepiece(tmp_path_factory.mktemp("trained"), "llama-class")
+    vocab = json.loads((trained / "tokenizer.json").read_text())["model"]["vocab"]
+    pieces = sorted(vocab, key=vocab.get)
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)  # <unk>, <s> </s>, the bytes, the pieces
+    ours, theirs = tmp_path_factory.mktemp("model"), tmp_path_factory.mktemp("json")
+    write_sentencepiece_model(ours, list(zip(pieces, types)))
+    t = HFTokenizer(tmodels.BPE(vocab, generate_merges(vocab), byte_fallback=True, fuse_unk=True))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # add_bos_token's
+    t.add_special_tokens(SP_SPECIALS)
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(theirs)
+    config = {**json.loads((theirs / "tokenizer_config.json").read_text()), "tokenizer_class": "LlamaTokenizerFast",
+              "legacy": False, "add_bos_token": True}
+    for path in (ours, theirs):
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.from_hf_dir(ours), AutoTokenizer.from_pretrained(theirs, split_special_tokens=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=sp_texts)
+def test_sentencepiece_model_file_ids_equal_transformers(sentencepiece_model, s):
+    ours, theirs = sentencepiece_model
+    ids = ours.encode(s)
+    assert ids == theirs.encode(s, add_special_tokens=False)
+    assert ours.bos + ids == theirs.encode(s)
+    assert ours.decode(ids) == theirs.decode(ids)
+
+
+def test_sentencepiece_model_file_of_another_kind_is_refused(tmp_path):
+    write_sentencepiece_model(tmp_path, [("<unk>", 2), ("▁a", 1)], model_type=1)
+    with pytest.raises(ValueError, match="is a SentencePiece Unigram model: only SentencePiece BPE"):
+        tok.from_hf_dir(tmp_path)
+
+
+def sentencepiece_refused(path, style):
+    """tokenizer.json files of the kinds still refused, built with `tokenizers`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models as tmodels, pre_tokenizers, trainers
+
+    if style == "wordpiece":
         t = HFTokenizer(tmodels.WordPiece(unk_token="[UNK]"))
         t.pre_tokenizer = pre_tokenizers.Whitespace()
         trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"])
     else:
         t = HFTokenizer(tmodels.Unigram())
+        t.pre_tokenizer = pre_tokenizers.Metaspace()
         trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<unk>"], unk_token="<unk>")
     t.train_from_iterator(CORPUS, trainer)
     t.save(str(path / "tokenizer.json"))
 
 
-@pytest.mark.parametrize("style,what", [("llama2", "SentencePiece-style BPE"), ("metaspace", "SentencePiece-style BPE"),
-                                        ("wordpiece", "a WordPiece tokenizer"), ("unigram", "a Unigram tokenizer")])
+@pytest.mark.parametrize("style,what", [("wordpiece", "a WordPiece tokenizer"), ("unigram", "a Unigram tokenizer")])
 def test_tokenizers_of_other_kinds_are_refused_when_the_model_loads(tmp_path, style, what):
     ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(tiny_llama(vocab_size=97).cfg),
                              ck.llama_hf_tensors(tiny_llama(vocab_size=97)))
-    sentencepiece_style(tmp_path, style)
-    with pytest.raises(models.LoadError, match=f"is {what}.*only byte-level BPE tokenizers") as e:
+    sentencepiece_refused(tmp_path, style)
+    with pytest.raises(models.LoadError, match=f"is {what}: only BPE tokenizers can be read.*Unigram's most likely "
+                                               "segmentation .* and WordPiece's longest-match are not implemented") as e:
         models.load(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
 
@@ -501,16 +697,48 @@ def test_without_jinja2_a_template_falls_back_to_chatml_or_says_what_to_install(
     tok.compile_template.cache_clear()
 
 
-def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
-    """On a template with {% generation %} blocks, the tokens this library learns are exactly those
-    transformers' return_assistant_tokens_mask marks."""
+# chat templates with {% generation %} blocks, for SentencePiece-style tokenizers: Mistral's format
+# (<s> from bos_token; [INST] is text), and Phi-3's (its chat tokens are special and take the
+# whitespace after them: rstrip)
+SP_TEMPLATES = {
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                "' [/INST]' }}{% else %}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% endif %}"
+                "{% endfor %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
+             "{{ m['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|end|>' }}{% endif %}"
+             "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
+}
+PHI3_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def save_chat_tokenizer(path, kind):
+    """A tokenizer trained by this file's helpers with a template marking assistant text,
+    saved by transformers: byte-level with ChatML, or SentencePiece-style with SP_TEMPLATES'."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    path = save_trained(tmp_path, "bytelevel")
+    if kind == "bytelevel":
+        path, template = save_trained(path, "bytelevel"), TEMPLATES["generation"]
+    else:
+        style, name = kind.split("+")
+        path, template = save_sentencepiece(path, style), SP_TEMPLATES[name]
     theirs = AutoTokenizer.from_pretrained(path)
-    theirs.chat_template = TEMPLATES["generation"]
+    if kind.endswith("phi3"):
+        theirs.add_tokens([AddedToken(t, rstrip=True, special=True, normalized=False) for t in PHI3_TOKENS],
+                          special_tokens=True)
+    theirs.chat_template = template
     theirs.save_pretrained(path)
-    ours = tok.from_hf_dir(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "llama2+mistral", "llama-class+mistral", "llama2+phi3"])
+def test_assistant_targets_equal_transformers_assistant_mask(tmp_path, kind):
+    """On a template with {% generation %} blocks, the tokens this library learns are exactly those
+    transformers' return_assistant_tokens_mask marks, and the ids its own."""
+    from transformers import AutoTokenizer
+
+    path = save_chat_tokenizer(tmp_path, kind)
+    theirs, ours = AutoTokenizer.from_pretrained(path), tok.from_hf_dir(path)
 
     @settings(max_examples=40, deadline=None)
     @given(msgs=alternating().map(lambda m: m[:-1]))  # ends with an assistant turn
@@ -519,5 +747,31 @@ def test_assistant_targets_equal_transformers_assistant_mask(tmp_path):
         ids, targets = data.encode_chat(ours, data.Chat(tuple(msgs)), 10_000)
         assert ids == out["input_ids"][:-1]
         assert [0] + [int(t != -100) for t in targets] == out["assistant_masks"]
+        prompt = theirs.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert ours.prompt(msgs[0]["content"]) == prompt["input_ids"]
 
     check()
+
+
+def test_train_py_takes_chat_on_a_sentencepiece_checkpoint(tmp_path):
+    """{"messages": ...} training runs on a Llama-2-style checkpoint (SentencePiece-style
+    tokenizer.json, Mistral's template), and trains on exactly the tokens encode_chat gives."""
+    import benchmarks
+    import train
+
+    path = save_chat_tokenizer(tmp_path / "model", "llama2+mistral")
+    model = tiny_llama(vocab_size=models.tokenizer.from_hf_dir(path).enc.n_vocab, max_seq_len=128)
+    ck.write_safetensors_dir(path, ck.llama_hf_config(model.cfg), ck.llama_hf_tensors(model))
+    records = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                             {"role": "assistant", "content": f"{i} + {i} = {2 * i}. Où?"}]} for i in range(6)]
+    chats = write_jsonl(tmp_path / "d.jsonl", records)
+    summary = train.main(["--method", "lora", "--model", str(path), "--data", str(chats), "--out",
+                          str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+                          "--val-size", "2", "--log-every", "1"])
+    assert summary["steps"] == 2
+    tokenizer = models.load(path)[1]
+    encoded = benchmarks.train_set(tokenizer, str(chats), None, "chat", 64)
+    assert encoded == [data.encode_chat(tokenizer, c, 64) for c in data.load_items(chats)]
+    ids, targets = encoded[0]
+    assert ids[0] == tokenizer.special("<s>") and targets[-1] == tokenizer.special("</s>")
+    assert tokenizer.decode([t for t in targets if t != -100]) == "0 + 0 = 0. Où?</s>"
