@@ -115,12 +115,11 @@ def write_json(path, obj):
 
 
 def save_adapter(model, out_dir, method_name, cfg, **info):
-    """adapter.safetensors + config.json (method, its Config, and what `info` adds)."""
-    from safetensors.torch import save_file
-
+    """adapter.safetensors (the method file's own save(): its Config in the header) + config.json
+    (method, its Config, and what `info` adds)."""
     out = Path(out_dir)
     meta = {"method": method_name, "config": dataclasses.asdict(cfg), **info}
-    atomic_write(out / "adapter.safetensors", lambda p: save_file(adapter_state(model), p))
+    atomic_write(out / "adapter.safetensors", lambda p: get(method_name).save(model, p))  # method.load reads it
     write_json(out / "config.json", meta)
 
 
