@@ -99,7 +99,7 @@ class Config:
     k1: int | None = None  # steps before the first round; None -> 10% of the steps
     k2: int | None = None  # recovery steps between rounds; None -> 2.5% of the steps
     rounds: int | None = None  # N_A, prune/reallocate rounds; None -> as many as fit, at most 8
-    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> len(targets)
+    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> default_prune
     score_frac: float = 1.0  # share of each module's live ranks scored per round (paper: all)
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
@@ -377,6 +377,13 @@ def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=No
     return base, [name for _, name, _ in pruned], grown
 
 
+def default_prune(cfg, n_modules):
+    """n_A when not given: one rank per target name (q, v -> 2), but fewer than the modules, so a
+    round always leaves a module that lost none to take the ranks (where q and v are one module,
+    as GPT-2's c_attn, two prunes on a two-module model would shrink the budget: footnote 4)."""
+    return min(len(cfg.targets), max(1, n_modules - 1))
+
+
 # --- training hooks ------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
@@ -407,7 +414,7 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     if val_loss is None:
         raise ValueError("ALoRA's rounds need val_loss=, a function returning the validation loss as a float "
                          "(see after_step's docstring)")
-    n_prune = cfg.prune_per_round or len(cfg.targets)
+    n_prune = cfg.prune_per_round or default_prune(cfg, len(layers(model)))
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
     base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
     r = ranks(model)
