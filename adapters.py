@@ -83,12 +83,12 @@ def adapter_state(model):
 
 
 def save_adapter(model, out_dir, method_name, cfg, **info):
-    """adapter.safetensors + config.json (method, its Config, and what `info` adds)."""
-    from safetensors.torch import save_file
-
+    """adapter.safetensors (the method file's own save(): its Config in the header, so the file
+    alone loads with the method file's load()) + config.json (method, its Config, and what `info`
+    adds)."""
     out = Path(out_dir)
     meta = {"method": method_name, "config": dataclasses.asdict(cfg), **info}
-    files.atomic_write(out / "adapter.safetensors", lambda p: save_file(adapter_state(model), p))
+    files.atomic_write(out / "adapter.safetensors", lambda p: methods.get(method_name).save(model, p))
     files.write_json(out / "config.json", meta)
 
 

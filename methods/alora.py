@@ -74,8 +74,9 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
         opt.zero_grad()
     method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -101,7 +102,7 @@ class Config:
     k1: int | None = None  # steps before the first round; None -> 10% of the steps
     k2: int | None = None  # recovery steps between rounds; None -> 2.5% of the steps
     rounds: int | None = None  # N_A, prune/reallocate rounds; None -> as many as fit, at most 8
-    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> len(targets)
+    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> default_prune
     score_frac: float = 1.0  # share of each module's live ranks scored per round (paper: all)
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
@@ -379,6 +380,13 @@ def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=No
     return base, [name for _, name, _ in pruned], grown
 
 
+def default_prune(cfg, n_modules):
+    """n_A when not given: one rank per target name (q, v -> 2), but fewer than the modules, so a
+    round always leaves a module that lost none to take the ranks (where q and v are one module,
+    as GPT-2's c_attn, two prunes on a two-module model would shrink the budget: footnote 4)."""
+    return min(len(cfg.targets), max(1, n_modules - 1))
+
+
 # --- training hooks ------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
@@ -409,7 +417,7 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     if val_loss is None:
         raise ValueError("ALoRA's rounds need val_loss=, a function returning the validation loss as a float "
                          "(see after_step's docstring)")
-    n_prune = cfg.prune_per_round or len(cfg.targets)
+    n_prune = cfg.prune_per_round or default_prune(cfg, len(layers(model)))
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
     base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
     r = ranks(model)
@@ -448,4 +456,44 @@ def merge(model):
     for name, m in layers(model).items():
         m.merge()
         replace(model, name, m.base)
+    return model
+
+
+# --- the adapter alone, on disk ------------------------------------------------------------------
+
+def save(model, path):
+    """Write the adapter alone -- its lora_* tensors and its Config, not the base model -- to `path`:
+    a .pt / .pth / .bin path is written by torch.save (plain tensors and a JSON string, which
+    torch.load(weights_only=True) reads back), any other path as safetensors (the package must be
+    installed; the Config goes in the file's header)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    cfg = json.dumps(asdict(config(model)))
+    if str(path).endswith((".pt", ".pth", ".bin")):
+        torch.save({"config": cfg, "tensors": tensors}, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors, str(path), metadata={"config": cfg})
+
+
+def load(model, path):
+    """apply() the Config save() wrote to `model` -- the base the adapter was trained on, with no
+    adapter yet -- and load the saved tensors into it: the names and shapes must be exactly the ones
+    apply() makes. Returns the model."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's archive; safetensors starts with a length
+    if zipped:
+        saved = torch.load(path, weights_only=True)
+        cfg, tensors = saved.get("config"), saved.get("tensors", {})
+    else:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            cfg, tensors = (f.metadata() or {}).get("config"), {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(cfg, str):
+        raise ValueError(f"{path} holds no adapter Config: it was not written by save()")
+    apply(model, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg).items()}))
+    own = {k: v.shape for k, v in model.state_dict().items() if "lora_" in k}
+    wrong = sorted(k for k in own.keys() | tensors.keys() if k not in tensors or own.get(k) != tensors[k].shape)
+    if wrong:
+        raise ValueError(f"{path} does not fit this model: {wrong[:3]} differ in name or shape")
+    model.load_state_dict(tensors, strict=False)
     return model

@@ -68,8 +68,9 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
         opt.zero_grad()
     method.merge(model)                               # zero ranks cut out, W = W0 + ΔW
 """
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -334,4 +335,44 @@ def merge(model):
     for name, m in layers(model).items():
         m.merge()
         replace(model, name, m.base)
+    return model
+
+
+# --- the adapter alone, on disk ------------------------------------------------------------------
+
+def save(model, path):
+    """Write the adapter alone -- its lora_* tensors and its Config, not the base model -- to `path`:
+    a .pt / .pth / .bin path is written by torch.save (plain tensors and a JSON string, which
+    torch.load(weights_only=True) reads back), any other path as safetensors (the package must be
+    installed; the Config goes in the file's header)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    cfg = json.dumps(asdict(config(model)))
+    if str(path).endswith((".pt", ".pth", ".bin")):
+        torch.save({"config": cfg, "tensors": tensors}, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors, str(path), metadata={"config": cfg})
+
+
+def load(model, path):
+    """apply() the Config save() wrote to `model` -- the base the adapter was trained on, with no
+    adapter yet -- and load the saved tensors into it: the names and shapes must be exactly the ones
+    apply() makes. Returns the model."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's archive; safetensors starts with a length
+    if zipped:
+        saved = torch.load(path, weights_only=True)
+        cfg, tensors = saved.get("config"), saved.get("tensors", {})
+    else:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            cfg, tensors = (f.metadata() or {}).get("config"), {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(cfg, str):
+        raise ValueError(f"{path} holds no adapter Config: it was not written by save()")
+    apply(model, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg).items()}))
+    own = {k: v.shape for k, v in model.state_dict().items() if "lora_" in k}
+    wrong = sorted(k for k in own.keys() | tensors.keys() if k not in tensors or own.get(k) != tensors[k].shape)
+    if wrong:
+        raise ValueError(f"{path} does not fit this model: {wrong[:3]} differ in name or shape")
+    model.load_state_dict(tensors, strict=False)
     return model

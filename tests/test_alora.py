@@ -274,3 +274,12 @@ def test_config_defaults():
     cfg = alora.Config()
     assert (cfg.r, cfg.rmax, cfg.alpha, cfg.score_frac) == (8, 16, 16.0, 1.0)
     assert alora.Config(r=5).rmax == 10
+
+
+@SETTINGS
+@given(targets=st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, max_size=4, unique=True),
+       modules=st.integers(1, 64))
+def test_the_default_prune_count_leaves_a_module_to_receive(targets, modules):
+    n = alora.default_prune(alora.Config(targets=tuple(targets)), modules)
+    assert 1 <= n <= len(targets) and (n < modules or modules == 1)
+    assert n == len(targets) or n == max(1, modules - 1)  # one per target name unless the modules are fewer

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,23 @@ def test_save_then_load_adapter_gives_identical_logits(name, family, tmp_path):
     assert meta["method"] == name and adapters.config_from_dict(method, meta["config"]) == method.config(model)
     assert torch.equal(logits(fresh.eval()), logits(model))
     assert method.ranks(fresh) == method.ranks(model)
+
+
+@pytest.mark.parametrize("name,family", [(n, f) for n in methods.NAMES for f in ("llama", "hf_gpt")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_the_method_files_own_save_and_load_round_trip_and_refuse_what_does_not_fit(name, family, suffix, tmp_path):
+    base, model = trained(name, family)
+    method = methods.get(name)
+    method.save(model, tmp_path / f"adapter{suffix}")
+    fresh = method.load(copy.deepcopy(base), tmp_path / f"adapter{suffix}").eval()
+    assert method.config(fresh) == method.config(model)
+    assert torch.equal(logits(fresh), logits(model))
+    other = MAKE["gpt" if family == "llama" else "llama"](0)
+    with pytest.raises((ValueError, RuntimeError)):
+        method.load(other, tmp_path / f"adapter{suffix}")
+    torch.save({"tensors": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="holds no adapter Config"):
+        method.load(copy.deepcopy(base), tmp_path / "foreign.pt")
 
 
 @pytest.mark.parametrize("name", methods.NAMES)
@@ -339,7 +357,7 @@ def test_a_method_file_copied_alone_runs_its_usage_block_on_transformers_llama_a
     imports = {n.split(".")[0] for node in ast.walk(ast.parse(src.read_text()))
                if isinstance(node, (ast.Import, ast.ImportFrom))
                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])}
-    assert imports <= {"math", "dataclasses", "torch"}, imports
+    assert imports <= {"json", "math", "dataclasses", "torch", "safetensors"}, imports
     (tmp_path / src.name).write_text(src.read_text())
     code = usage_block(src).splitlines()
     body, last = textwrap.indent("\n".join(code[:-1]), "    "), textwrap.indent(code[-1], "    ")
@@ -351,60 +369,125 @@ def test_a_method_file_copied_alone_runs_its_usage_block_on_transformers_llama_a
         f"{kind} torch.{dtype}" for dtype in ("float32", "bfloat16") for kind in ("LlamaForCausalLM", "GPT2LMHeadModel")]
 
 
-# ----------------------------------------------------------------------------- the README's snippet
+# ----------------------------------------------------------------------------- the README's snippets
 
-def test_the_readme_snippet_runs_on_a_tiny_transformers_checkpoint(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def readme_blocks():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Use a method in your own loop"):]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S)[1]
-    assert len(snippet.strip().splitlines()) <= 15
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
-                                 eos_token_id=1)).save_pretrained(tmp_path / "tiny")
+    return re.findall(r"```python\n(.*?)```", readme[readme.index("## Use a method in your own loop"):], re.S)
+
+
+def tiny_hf(kind, path=None, seed=0):
+    """A tiny transformers Llama or GPT-2 (saved to `path` when given)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = (LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                          eos_token_id=1)) if kind == "llama" else
+             GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                        bos_token_id=0, eos_token_id=1)))
+    if path:
+        model.save_pretrained(path)
+    return model
+
+
+def token_batches(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": x, "labels": x} for x in (torch.randint(2, 97, (size, 10), generator=g) for _ in range(n))]
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_the_readme_loop_runs_unchanged_for_every_method_and_its_saved_adapter_loads_back(name, tmp_path):
+    from transformers import LlamaForCausalLM
+    snippet = readme_blocks()[0]
+    tiny_hf("llama", tmp_path / "tiny")
     hub_name = re.search(r'from_pretrained\("([^"]+)"\)', snippet)[1]
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(2, 97, (2, 10), generator=g) for _ in range(5)]
-    scope = {"batches": [{"input_ids": x, "labels": x} for x in ids]}
-    exec(snippet.replace(hub_name, str(tmp_path / "tiny")), scope)  # noqa: S102 - our own README
+    code = (snippet.replace(hub_name, str(tmp_path / "tiny")).replace("import sora as", f"import {name} as")
+            .replace('"sora.safetensors"', repr(str(tmp_path / "adapter.safetensors"))))
+    scope = {"batches": token_batches(12, 2), "val_batch": token_batches(1, 2, seed=1)[0]}
+    os.chdir(tmp_path)
+    exec(code, scope)  # noqa: S102 - our own README
     model, method = scope["model"], scope["method"]
-    assert not method.layers(model)  # merged at the end: plain layers
-    before = LlamaForCausalLM.from_pretrained(tmp_path / "tiny")
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before.model.layers[0].self_attn.q_proj.weight)
+    assert method.__name__ == f"methods.{name}"
+    probe = token_batches(1, 2, seed=2)[0]["input_ids"]
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "tiny")
+    with torch.no_grad():
+        trained, original = model.eval()(input_ids=probe).logits, base(input_ids=probe).logits
+        assert not torch.equal(trained, original)  # it trained
+        loaded = method.load(base, tmp_path / "adapter.safetensors").eval()(input_ids=probe).logits
+    assert torch.equal(loaded, trained)
 
 
-def test_the_readme_trainer_glue_runs_every_hook_in_order(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Use a method in your own loop"):]
-    glue = re.findall(r"```python\n(.*?)```", section, re.S)[1]
-    scope = {"torch": torch, "method": methods.get("adalora")}
-    exec(glue, scope)  # noqa: S102 - our own README
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1))
-    method = scope["method"]
-    method.apply(model, method.Config(init_r=6, target_r=4))
-    calls = []
-    spy = type("Spy", (), {})()
-    spy.extra_loss = method.extra_loss
-    spy.after_backward = lambda m, step, total: (calls.append(("after_backward", step, total)),
+def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, record, cfg=None, save_steps=None):
+    """The README's MethodHooks under transformers' Trainer; `record` sees each after_backward's
+    adapter gradients (penalty included) before the clipping."""
+    from transformers import Trainer, TrainingArguments
+    method = methods.get(name)
+    scope = {"torch": torch, "method": method}
+    exec(readme_blocks()[1], scope)  # noqa: S102 - our own README
+    model = tiny_hf(kind)
+    method.apply(model, method.Config(**{**CONFIGS[name], "dropout": 0.0, **(cfg or {})}))
+    spy = types.SimpleNamespace(**{k: getattr(method, k) for k in dir(method) if not k.startswith("_")})
+    spy.after_backward = lambda m, step, total: (record(step, {n: p.grad.clone() for n, p in m.named_parameters()
+                                                               if p.grad is not None}),
                                                  method.after_backward(m, step, total))
-    spy.after_step = lambda m, opt, step, total: (calls.append(("after_step", step, total)),
-                                                  method.after_step(m, opt, step, total))
     scope["method"] = spy
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": x, "labels": x} for x in torch.randint(2, 97, (8, 10), generator=g)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, max_grad_norm=0,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    trainer = scope["MethodTrainer"](model, args, train_dataset=data, callbacks=[scope["Hooks"]()],
-                                     optimizers=(torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0)), None))
+    val = token_batches(1, 2, seed=1)[0]
+
+    def val_loss():
+        model.eval()
+        with torch.no_grad():
+            loss = model(**val).loss.item()
+        model.train()
+        return loss
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulate, max_grad_norm=0, report_to=[],
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                             logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model, args, train_dataset=[b for x in token_batches(steps * 4, 1) for b in [
+                          {"input_ids": x["input_ids"][0], "labels": x["labels"][0]}]],
+                      callbacks=[scope["MethodHooks"](val_loss)],
+                      optimizers=(torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0)), None))
     trainer.train()
-    assert calls == [(hook, s, 4) for s in range(1, 5) for hook in ("after_backward", "after_step")]
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
-    assert method.ranks(model) and sum(method.ranks(model).values()) == 4 * len(method.layers(model))
+    return model, trainer
+
+
+@pytest.mark.parametrize("name", ["adalora", "salora"])
+def test_the_readme_trainer_callback_counts_the_penalty_once_per_step_under_accumulation(name, tmp_path):
+    grads = {}
+    for accumulate, size in ((1, 4), (2, 2)):
+        record = lambda step, g, a=accumulate: grads.setdefault((a, step), g)  # noqa: E731
+        _, trainer = trainer_run(tmp_path / str(accumulate), name, "llama", accumulate, size, 2, record)
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 2 and all(h["penalty"] > 0 and h["rank"] > 0 for h in logged)
+    for step in (1, 2):
+        one, two = grads[1, step], grads[2, step]
+        assert one.keys() == two.keys() and one
+        for n in one:
+            torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7)
+
+
+def test_the_readme_trainer_callback_saves_an_adapter_that_loads_and_save_pretrained_drops_it(tmp_path):
+    from transformers import LlamaForCausalLM
+    model, _ = trainer_run(tmp_path / "run", "sora", "llama", 1, 2, 4, lambda *a: None, save_steps=2)
+    probe = token_batches(1, 2, seed=2)[0]["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=probe).logits
+        base = tiny_hf("llama")(input_ids=probe).logits
+        saved = methods.get("sora").load(tiny_hf("llama"), tmp_path / "run/checkpoint-4/adapter.safetensors")
+        torch.testing.assert_close(saved.eval()(input_ids=probe).logits, trained)
+        model.save_pretrained(tmp_path / "pretrained")
+        reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained")(input_ids=probe).logits
+    assert (tmp_path / "run/checkpoint-2/adapter.safetensors").exists()
+    torch.testing.assert_close(reloaded, base)  # what the README warns of: the adapter is gone
+    assert not torch.equal(trained, base)
+
+
+def test_alora_keeps_its_total_rank_under_the_trainer_on_gpt2s_fused_c_attn(tmp_path):
+    model, trainer = trainer_run(tmp_path, "alora", "gpt", 1, 2, 12, lambda *a: None)
+    method = methods.get("alora")
+    assert sum(method.ranks(model).values()) == 4 * len(method.layers(model))
+    assert any("round" in h for h in trainer.state.log_history)  # its rounds ran
 
 
 @pytest.mark.parametrize("name", methods.NAMES)

@@ -1,7 +1,7 @@
 """The blocks every method file carries by design are the same in all seven files.
 
 Each file stays self-contained and copyable, so the layer plumbing, HF_TARGETS, dropout, find_targets,
-merge / unmerge and the no-op hooks are written out in each. Here each such block is read out of each
+merge / unmerge, the no-op hooks and the adapter's save / load are written out in each. Here each such block is read out of each
 file by name (ast) and compared, the layer class's name read as `Layer`; a file whose copy drifted
 from the others is named with the block.
 """
@@ -19,7 +19,7 @@ FILES = {name: Path(methods.__file__).parent / f"{name}.py" for name in methods.
 # blocks written out in every file; "Layer.f" is a method of the file's layer class
 SHARED = ("HF_TARGETS", "dropout", "is_conv1d", "Layer.merge", "Layer.unmerge", "adaptable", "find_targets",
           "replace", "layers", "config", "check_step", "param_groups", "extra_loss", "after_backward",
-          "after_step", "can_merge", "merge")
+          "after_step", "can_merge", "merge", "save", "load")
 # the statements that open (or close) a block whose rest is each method's own: (block, first n, last n)
 SHARED_PARTS = (("Layer.__init__", 6, 2), ("Layer.forward", 2, 0), ("apply", 1, 0))
 # the files whose block is their own by design: a hook the method needs, a merge it checks first

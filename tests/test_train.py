@@ -35,6 +35,10 @@ def test_train_then_eval_every_method(tmp_path, tiny_checkpoint, name):
     model, meta = adapters.load_adapter(model, out)
     assert meta["method"] == name and meta["train_args"]["steps"] == 24
     assert sum(t.numel() for k, t in model.named_parameters() if "lora_" in k) > 0
+    alone = methods.get(name).load(models.load(tiny_checkpoint)[0], out / "adapter.safetensors")  # the method file's own loader
+    probe = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(alone.eval()(probe), model.eval()(probe))
     rows = evaluate.main(["--model", str(tiny_checkpoint), "--adapter", str(out), "--limit", "3",
                           "--max-new-tokens", "4", "--json", str(tmp_path / "rows.json")])
     assert [r["name"] for r in rows] == ["base", name]
