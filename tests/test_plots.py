@@ -178,6 +178,7 @@ def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     assert adapters.config_from_dict(methods.get("lora"), meta["config"]) == cfg
     same = {f.name for f in dataclasses.fields(args) if f.metadata["recipe"]}
     assert {k: meta["train_args"][k] for k in same} == {k: getattr(args, k) for k in same}
+    assert set(meta["train_args"]) == {f.name for f in dataclasses.fields(args)}  # the Config: in "config" alone
     assert adapters.read_config(runs["sora"])["recipe"] == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
 
 
