@@ -533,15 +533,15 @@ def bench_init(base, svd_size, repeats, device):
 # ----------------------------------------------------------------------------- the run
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--size", choices=sorted(SIZES), default=None,
-                     help="a random LLaMA shape instead of the default model")
+                     help="a random LLaMA shape instead of the default model (default: none)")
     src.add_argument("--model", default=None,
                      help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats, a smaller SVD matrix")
-    p.add_argument("--batch-size", type=int, default=None, help="(default: 8; 4 with --quick)")
-    p.add_argument("--seq-len", type=int, default=None, help="(default: 128; 64 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 8; 4 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: 128; 64 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 3; 2 with --quick)")
     p.add_argument("--svd-size", type=int, default=None,
                    help="side of the random SVD matrix (default: 4096; 1024 with --quick)")
@@ -551,7 +551,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="bf16",
                    help="the low-precision base compared with float32 (fp32: no comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", default=None, help="also write every figure to this file")
+    p.add_argument("--json", default=None, help="also write every figure to this file (default: no file)")
     args = p.parse_args(argv)
     quick = {"batch_size": 4, "seq_len": 64, "repeats": 2, "svd_size": 1024}
     full = {"batch_size": 8, "seq_len": 128, "repeats": 3, "svd_size": 4096}

@@ -3,6 +3,7 @@
     if __name__ == "__main__":
         cli.run(main)
 """
+import argparse
 import sys
 
 import adapters
@@ -10,6 +11,18 @@ import data
 import models
 
 USER_ERRORS = (ValueError, FloatingPointError, models.LoadError, data.DataError, adapters.AdapterError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the docstring as written, and each flag's default after its help where the
+    help does not state it. A default left None is worked out from other flags: the help says how."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if not action.option_strings or "default" in help or action.default in (None, argparse.SUPPRESS) \
+                or action.default is False:
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
 
 
 def run(main, interrupted=lambda: "interrupted"):

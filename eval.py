@@ -32,31 +32,32 @@ import plots
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT LoRA adapters")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT LoRA adapters (default: none, the base model alone)")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file, or a directory of "
                         "test_<set>.json files (default: the built-in task)")
-    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py)")
-    source.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy")
+    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py; default: none)")
+    source.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy "
+                        "(default: none)")
     p.add_argument("--limit", type=int, default=None, help="N examples per test set, a seeded sample (the "
-                   "built-in task: its first N); with perplexity, the first N windows of each text")
+                   "built-in task: its first N); with perplexity, the first N windows of each text; default: all")
     p.add_argument("--prompt", choices=data.PROMPTS, default=None, help="prompt template (default: the one "
                    "the adapters were trained with, else the data's: chat for the built-in task, alpaca otherwise)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's row")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="(default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
+                   help="the longest answer (default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
                    help="the model's dtype; adapters keep float32 parameters (auto: bf16 where this CPU runs it fast)")
     p.add_argument("--show", type=int, default=None, metavar="N",
-                   help="print the completions of the first N examples of each test set, for every row")
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+                   help="print the completions of the first N examples of each test set, for every row (default: none)")
+    p.add_argument("--json", default=None, help="also write the rows to this file (default: no file)")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",
-                   help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB})")
+                   help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB}; default: evaluate)")
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = benchmarks.default_max_new_tokens(args.data, args.task)

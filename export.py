@@ -38,10 +38,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", help=f"one of {', '.join(FORMATS)}")
-    p.add_argument("--out", help="the directory to write")
-    p.add_argument("--adapter", help="an adapter directory written by train.py (peft and merged)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--format", choices=FORMATS, help="what to write: a PEFT adapter, a Hugging Face "
+                   "checkpoint of the model, or the model with the adapter merged (required)")
+    p.add_argument("--out", help="the directory to write (required)")
+    p.add_argument("--adapter", help="an adapter directory written by train.py (required by peft and merged)")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--base-name", default=None, help="base_model_name_or_path in adapter_config.json (default: "
                    f"{DEFAULT_HF_ID} for the default model, else the --model path)")

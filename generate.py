@@ -30,7 +30,7 @@ import models
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("prompt", nargs="?", default=None, help="the text to answer or continue (leave it out with --chat)")
     p.add_argument("--adapter", default=None, help="an adapter directory written by train.py, or a PEFT LoRA "
                    "adapter (default: none, the base model alone)")

@@ -168,16 +168,16 @@ def draw(rows, planted, path):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(methods.NAMES),
                    help="comma-separated (default: all; LoRA first, for the loss ratio)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--steps", type=int, default=150, help="training steps of every method")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate, for every method")
+    p.add_argument("--dim", type=int, default=256, help="each module is dim x dim")
     p.add_argument("--noise", type=float, default=0.03, help="label noise, standard deviation per output")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/planted")
+    p.add_argument("--seed", type=int, default=0, help="seeds the modules, the data and the adapters")
+    p.add_argument("--out", default="out/planted", help="where planted.json and ranks.png go")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in methods.NAMES]
     if unknown:

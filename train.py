@@ -20,7 +20,9 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def parse_args(argv):
     known, _ = pre.parse_known_args(argv)
     method = methods.get(known.method)
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     training.add_flags(p, training.RunConfig)
     training.add_flags(p.add_argument_group(f"{known.method} method flags"), method.Config)
     flags = p.parse_args(argv)
@@ -125,6 +127,33 @@ def interrupted(argv=None):
     launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
     resume = [] if "--resume" in argv else ["--resume"]
     return f"interrupted: continue with `{launch} train.py {shlex.join([*argv, *resume])}`"
+
+
+@contextlib.contextmanager
+def finish_the_step():
+    """Ctrl-C inside the block is noted (the list it yields gets an entry) instead of raised, so the
+    loop can end the step in flight and checkpoint it; a second Ctrl-C raises at once."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield asked
+        return
+
+    def ask(signum, frame):
+        asked.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_asked(asked, world, device):
+    """Did Ctrl-C reach any process? All of them stop after the same step."""
+    if world == 1:
+        return bool(asked)
+    return bool(training.all_sum(torch.tensor([float(len(asked))], device=device), world).item())
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -254,33 +283,37 @@ def train(args, method, cfg, plain):
         log = open(args.out / "log.jsonl", "a" if start else "w")
 
     t_start, tokens, loss_avg = time.time(), 0, None
-    for step in range(start + 1, args.steps + 1):
-        batches = step_batches(train_set, args, step, rank, world, device)
-        lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
-        (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
-                                                            clip=args.clip, val_loss=val_loss, world=world,
-                                                            scaler=scaler)
-        tokens += sum(x.numel() for x, _ in batches) * world
+    with finish_the_step() as asked:  # Ctrl-C: this step ends and is checkpointed, then the run stops
+        for step in range(start + 1, args.steps + 1):
+            batches = step_batches(train_set, args, step, rank, world, device)
+            lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
+            (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
+                                                                clip=args.clip, val_loss=val_loss, world=world,
+                                                                scaler=scaler)
+            tokens += sum(x.numel() for x, _ in batches) * world
 
-        loss_avg = task_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * task_loss
-        progress = step % args.log_every == 0 or step == args.steps
-        elapsed = time.time() - t_start
-        if progress:  # every process computes it: val_loss is a forward like any other
-            figures["val_loss"] = val_loss()
-        if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
-            rec = {"step": step, "loss": task_loss, "penalty": penalty, "lr": lr,
-                   "tokens_per_s": tokens / elapsed, **figures}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-        if progress:
-            eta = elapsed / (step - start) * (args.steps - step)
-            extra = scalars({k: v for k, v in figures.items() if k != "val_loss"})
-            say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | val loss {figures['val_loss']:.4f} | "
-                f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}"
-                + (f" | {extra}" if extra else ""), flush=True)
-        if rank == 0 and args.save_every and step % args.save_every == 0 and step < args.steps:
-            adapters.save_adapter(model, args.out, args.method, cfg, **info)
-            training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, step, scaler)
+            loss_avg = task_loss if loss_avg is None else 0.9 * loss_avg + 0.1 * task_loss
+            progress = step % args.log_every == 0 or step == args.steps
+            elapsed = time.time() - t_start
+            if progress:  # every process computes it: val_loss is a forward like any other
+                figures["val_loss"] = val_loss()
+            if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
+                rec = {"step": step, "loss": task_loss, "penalty": penalty, "lr": lr,
+                       "tokens_per_s": tokens / elapsed, **figures}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if progress:
+                eta = elapsed / (step - start) * (args.steps - step)
+                extra = scalars({k: v for k, v in figures.items() if k != "val_loss"})
+                say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | val loss {figures['val_loss']:.4f} | "
+                    f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}"
+                    + (f" | {extra}" if extra else ""), flush=True)
+            stop = stop_asked(asked, world, device)
+            if rank == 0 and (stop or args.save_every and step % args.save_every == 0) and step < args.steps:
+                adapters.save_adapter(model, args.out, args.method, cfg, **info)
+                training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, step, scaler)
+            if stop and step < args.steps:
+                raise KeyboardInterrupt  # after the checkpoint of this step: --resume continues from it
 
     model.eval()
     ranks = method.ranks(model)

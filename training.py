@@ -9,7 +9,11 @@ train_args) are derived from it, and from nothing else.
 """
 import argparse
 import dataclasses
+import inspect
+import keyword
 import math
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +44,16 @@ def setting(default, help=None, *, choices=None, group=None, recipe=True, fixed=
 class RunConfig:
     """One train.py run. A setting left None whose default follows other settings (the prompt, the
     warmup, --out) gets it from defaults() through resolved()."""
-    method: str = setting("lora", choices=methods.NAMES, recipe=False)
+    method: str = setting("lora", "the method to train: methods/METHOD.py", choices=methods.NAMES, recipe=False)
     model: str | None = setting(None, "a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)",
                                 recipe=False)
     data: str | None = setting(None, "a .json/.jsonl file of LLM-Adapters records, "
                                '{"messages": [...]} chats or {"text": ...} texts, or a directory holding train.json '
                                "(default: the built-in task)", group="source", recipe=False)
-    task: str | None = setting(None, "a paper benchmark (see benchmarks.py)", choices=benchmarks.TASKS,
+    task: str | None = setting(None, "a paper benchmark (see benchmarks.py; default: none)", choices=benchmarks.TASKS,
                                group="source", recipe=False)
     limit: int | None = setting(None, "train on a seeded sample of N examples per set "
-                                "(per task with --task commonsense; chunks with --task shakespeare)")
+                                "(per task with --task commonsense; chunks with --task shakespeare); default: all")
     prompt: str | None = setting(None, "prompt template (default: chat for the built-in task, LLM-Adapters' "
                                  "alpaca for --data and --task commonsense)", choices=PROMPTS)
     steps: int = setting(150, "optimizer steps")
@@ -57,15 +61,15 @@ class RunConfig:
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     seq_len: int = setting(256, "longest example in tokens; longer ones are skipped "
                            "(texts are cut into chunks of this length)")
-    lr: float = setting(1e-3)
-    weight_decay: float = setting(0.0)
+    lr: float = setting(1e-3, "AdamW's learning rate, the peak of the schedule")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay of the adapter's parameters")
     warmup: int | None = setting(None, "warmup steps (default: 5%% of --steps)")
-    schedule: str = setting("cosine", choices=("cosine", "linear"))
+    schedule: str = setting("cosine", "the lr's decay to 0 after the warmup", choices=("cosine", "linear"))
     clip: float = setting(1.0, "gradient-norm clip (0: off)")
     val_size: int = setting(16, "held-out examples for methods that score on them")
-    seed: int = setting(0)
+    seed: int = setting(0, "seeds the adapter's init, the order of the examples and the dropout")
     out: Path | None = setting(None, "output directory (default: out/METHOD)", recipe=False, fixed=False)
-    log_every: int = setting(10, recipe=False, fixed=False)
+    log_every: int = setting(10, "a progress line and a validation loss every N steps", recipe=False, fixed=False)
     save_every: int = setting(0, "write checkpoint.pt every N steps (0: only at the end)", recipe=False, fixed=False)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", recipe=False, fixed=False)
     device: str | None = setting(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", recipe=False,
@@ -77,8 +81,10 @@ class RunConfig:
 def add_flags(parser, config_cls):
     """One flag per dataclass field (`init_r` -> `--init-r`): the type comes from the annotation, the
     default from the field; help, choices and groups of flags that exclude each other from the
-    field's metadata where it has them (RunConfig's do, a method's Config's do not)."""
+    field's metadata where it has them (RunConfig's do), else the help is the comment on the field's
+    line (a method's Config documents its fields so); cli.HelpFormatter adds the default."""
     hints = typing.get_type_hints(config_cls)
+    comments = field_comments(config_cls)
     groups = {}
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
@@ -88,15 +94,37 @@ def add_flags(parser, config_cls):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        help = meta.get("help") or "(default: %(default)s)"
+        help = meta.get("help") or comments.get(f.name, "").replace("%", "%%").replace("None -> ", "default: ").replace("None: ", "default: ")
         if hint is bool:
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif typing.get_origin(hint) is tuple:
             where.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x),
-                               default=f.default, metavar="A,B,...", help=f"(default: {','.join(f.default)})")
+                               default=f.default, metavar="A,B,...", help=f"{help} (default: {','.join(f.default)})")
         else:
             kind = args[0] if args else hint  # `int | None` -> int
             where.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=help)
+
+
+def field_comments(cls):
+    """{field name: the comment on the line that declares it, and on the lines below it that hold a
+    comment alone, indented past the fields} in a dataclass's source."""
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines(keepends=True)
+    except (OSError, TypeError):  # no source (a class built at run time): no help
+        return {}
+    comments, name, last = {}, None, None
+    for tok in tokenize.generate_tokens(iter(lines).__next__):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and name is None:  # a field, or a def
+            name = last = "" if keyword.iskeyword(tok.string) else tok.string
+        elif tok.type == tokenize.COMMENT and name:
+            comments[name] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.COMMENT and last in comments and tok.start[1] > 4:  # the comment goes on
+            comments[last] += " " + tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.NEWLINE:
+            name = None
+        elif tok.type == tokenize.NL and name is None and tok.start[1] == 0:
+            last = None  # a blank line ends a comment
+    return comments
 
 
 def defaults(run, data_prompt):

@@ -102,7 +102,7 @@ class Config:
     k1: int | None = None  # steps before the first round; None -> 10% of the steps
     k2: int | None = None  # recovery steps between rounds; None -> 2.5% of the steps
     rounds: int | None = None  # N_A, prune/reallocate rounds; None -> as many as fit, at most 8
-    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> default_prune
+    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> one per target name, fewer than the modules
     score_frac: float = 1.0  # share of each module's live ranks scored per round (paper: all)
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 

@@ -94,7 +94,7 @@ class Config:
     dropout: float = 0.05  # on the adapter's input only
     lam: float = 0.5  # ℓ1 strength: every step shrinks each gate by xi = gate_lr_t * lam
     gate_lr: float | None = 0.03  # the gates' AdamW lr (the reference's sparse_lr); None: the model's lr
-    lam_max: float | None = None  # if set, lam rises in lam_stages equal stages from lam to lam_max
+    lam_max: float | None = None  # if set, lam rises in lam_stages equal stages from lam to lam_max; None: lam throughout
     lam_stages: int = 7  # stages of the sparsifying schedule (the reference: 7)
     gate_init: str = "randn"  # "randn" (reference: N(0, 1)) or "ones"
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes

@@ -373,6 +373,31 @@ def test_ctrl_c_is_one_line_naming_the_resume_command(tmp_path, tiny_checkpoint)
         train.main([*command[2:], "--lr", "5e-4"])
 
 
+def test_ctrl_c_checkpoints_the_last_step_so_resume_ends_where_an_uninterrupted_run_does(tmp_path, tiny_checkpoint):
+    """At the default --save-every 0: Ctrl-C lets the step in flight finish, writes its checkpoint,
+    and the command it names continues the run to the adapter an uninterrupted run ends with."""
+    steps = 150
+    full = run("train.py", *train_args(tiny_checkpoint, tmp_path / "full", "--log-every", "1", steps=steps))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, "train.py", *train_args(tiny_checkpoint, out, "--log-every", "1", steps=steps)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, f"the run ended before Ctrl-C reached it (make it longer): {err}"
+    assert (out / "checkpoint.pt").exists() and len(err.strip().splitlines()) == 1, err
+    stopped = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert 2 <= stopped < steps
+    command = shlex.split(err.strip().split("`")[1])
+    resumed = run(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert adapters_equal(tmp_path / "full", out)
+
+
 def test_examples_with_nothing_to_learn_are_dropped(tmp_path, tiny_checkpoint):
     """An example with nothing to learn (an empty output, a tokenizer without a stop token) is
     dropped from training; data with no example left is a one-line error."""
