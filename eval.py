@@ -5,6 +5,7 @@
     python eval.py --data MATH_DIR --adapter out/sara       # a column per MATH_DIR/test_<set>.json
     python eval.py --task commonsense --limit 100 --adapter out/lora    # see benchmarks.py
     python eval.py --text prose.txt --adapter out/lora    # perplexity of a plain-text file
+    python eval.py --data held_out.jsonl --adapter out/lora  # loss and perplexity of chats or texts
     python eval.py --adapter runs/* --limit 200 --markdown # also print the README's results table
     python eval.py --adapter out/lora --limit 20 --show 3  # and three completions per row
     python eval.py --plot figs --adapter runs/*           # figures (plots.py) instead of evaluating
@@ -30,15 +31,21 @@ import methods
 import models
 import plots
 
+OWN_KINDS = ("messages", "text")  # --data files scored by their loss: chats (assistant turns) and texts
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT LoRA adapters (default: none, the base model alone)")
+    p.add_argument("--adapter", nargs="*", default=[], help="adapter directories written by train.py, or PEFT "
+                   "LoRA adapters (default: none, the base model alone)")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file, or a directory of "
-                        "test_<set>.json files (default: the built-in task)")
-    source.add_argument("--task", choices=benchmarks.TASKS, default=None, help="a paper benchmark (see benchmarks.py; default: none)")
+    source.add_argument("--data", default=None, help="LLM-Adapters .json/.jsonl test file (accuracy), a "
+                        'held-out .jsonl of {"messages": ...} chats or {"text": ...} texts (loss and perplexity: '
+                        "a chat's assistant turns, every token of a text), or a directory of test_<set>.json "
+                        "files (default: the built-in task)")
+    source.add_argument("--task", choices=benchmarks.TASKS, default=None,
+                        help="a paper benchmark (see benchmarks.py; default: none)")
     source.add_argument("--text", default=None, help="a plain-text file: report perplexity instead of accuracy "
                         "(default: none)")
     p.add_argument("--limit", type=int, default=None, help="N examples per test set, a seeded sample (the "
@@ -61,13 +68,14 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = benchmarks.default_max_new_tokens(args.data, args.task)
+    scored = args.text or args.task == "shakespeare" or args.data and data.kind_of(args.data) in OWN_KINDS
     if args.plot:
-        if args.text or args.task == "shakespeare" or not args.adapter:
+        if scored or not args.adapter:
             raise ValueError("--plot draws the figures of the --adapter directories over test examples: "
-                             "give at least one and leave out --text and --task shakespeare")
+                             "give at least one and leave out --text, --task shakespeare and chat or text data")
         plots.pyplot()  # a missing matplotlib fails before the model loads
     cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit", "show")
-    if args.show and (args.text or args.task == "shakespeare"):
+    if args.show and scored:
         raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
     if args.json:
         files.writable(args.json, "--json")  # before the evaluation, not after it
@@ -115,21 +123,40 @@ def print_completions(set_name, examples, completions):
 
 
 @torch.no_grad()
-def perplexity(model, tok, texts, seq_len, batch_size, limit=None):
-    """exp(mean next-token loss) over consecutive windows of each text (its first `limit`):
-    ({name: perplexity}, the perplexity over every window of every text)."""
-    per_text, total, count = {}, 0.0, 0
-    for name, text in texts.items():
-        windows = data.chunks(tok, [text], seq_len)[:limit]
+def perplexity(model, held_out, batch_size):
+    """exp(mean next-token loss) over {name: encoded (ids, targets) pairs}: the windows of a text
+    (every token a target) or chats (their assistant turns): ({name: perplexity}, the perplexity over
+    all of them, their mean loss per target token)."""
+    per_set, total, count = {}, 0.0, 0
+    for name, encoded in held_out.items():
         nll, n = 0.0, 0
-        for s in range(0, len(windows), batch_size):
-            x, y = data.collate(windows[s:s + batch_size])
+        for s in range(0, len(encoded), batch_size):
+            x, y = data.collate(encoded[s:s + batch_size])
             k = int((y != -100).sum())
             nll += model.loss(x, y).item() * k
             n += k
-        per_text[name] = math.exp(nll / n)
+        per_set[name] = math.exp(nll / n)
         total, count = total + nll, count + n
-    return per_text, math.exp(total / count)
+    return per_set, math.exp(total / count), total / count
+
+
+def held_out_sets(args, tok):
+    """{name: encoded pairs} to score by perplexity, or None where the data is answered (accuracy):
+    --text, Shakespeare's held-out plays, or a --data file of chats or texts (its first --limit
+    records; a text's first --limit windows)."""
+    if args.text:
+        try:
+            texts = {Path(args.text).stem: Path(args.text).read_text(encoding="utf-8")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise data.DataError(f"cannot read {args.text}: {e}") from None
+    elif args.task == "shakespeare":
+        texts = benchmarks.shakespeare("test")
+    elif args.data and data.kind_of(args.data) in OWN_KINDS:
+        items = data.load_items(args.data)[:args.limit]
+        return {Path(args.data).stem: data.encode_all(tok, items, args.seq_len)}
+    else:
+        return None
+    return {name: data.chunks(tok, [text], args.seq_len)[:args.limit] for name, text in texts.items()}
 
 
 def with_adapter(base, adapter_dir):
@@ -152,15 +179,9 @@ def main(argv=None):
     for adapter_dir in args.adapter:  # a wrong adapter fails now, not after the rows before it
         adapters.check_adapter(base, adapter_dir)
     base_params = sum(p.numel() for p in base.parameters())
-    if args.text:
-        try:
-            texts = {Path(args.text).stem: Path(args.text).read_text(encoding="utf-8")}
-        except (OSError, UnicodeDecodeError) as e:
-            raise data.DataError(f"cannot read {args.text}: {e}") from None
-    elif args.task == "shakespeare":
-        texts = benchmarks.shakespeare("test")
-    else:
-        texts, sets = None, benchmarks.sets(args.data, args.task, "test", args.limit)
+    texts = held_out_sets(args, tok)
+    if texts is None:
+        sets = benchmarks.sets(args.data, args.task, "test", args.limit)
     if args.plot:
         examples = [ex for examples in sets.values() for ex in examples]
         model_name = Path(models.resolve(args.model)).stem
@@ -177,7 +198,7 @@ def main(argv=None):
                "share": 100 * trainable / base_params, **(plots.run_facts(adapter_dir, meta) if meta else {})}
         shown = {}  # set -> the completions --show prints
         if texts:
-            row["sets"], row["perplexity"] = perplexity(model, tok, texts, args.seq_len, args.batch_size, args.limit)
+            row["sets"], row["perplexity"], row["loss"] = perplexity(model, texts, args.batch_size)
         else:
             row["sets"] = {}
             for s, examples in sets.items():
@@ -207,11 +228,13 @@ def print_row(row, first):
     sets = row["sets"] if len(row["sets"]) > 1 else {}
     columns = [*sets, "all" if metric == "perplexity" else "avg"] if sets else [metric]
     values = [*sets.values(), row[metric]]
+    shown = [f"{v:.3f}" if metric == "perplexity" else f"{100 * v:.1f}%" for v in values]
+    if "loss" in row:  # the mean loss per target token, as train.py's val loss reads
+        columns, shown = [*columns, "loss"], [*shown, f"{row['loss']:.4f}"]
     widths = [max(7, len(c)) for c in columns]
     if first:
         heads = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
         print(f"{'name':<16} {'method':<8} {'trainable':>10} {'% of base':>9} {heads} {'seconds':>8}")
-    shown = [f"{v:.3f}" if metric == "perplexity" else f"{100 * v:.1f}%" for v in values]
     cells = " ".join(f"{v:>{w}}" for v, w in zip(shown, widths))
     print(f"{row['name']:<16} {row['method']:<8} {row['trainable_params']:>10,} {row['share']:>9.4f} "
           f"{cells} {row['seconds']:>8}", flush=True)

@@ -211,6 +211,8 @@ def next_commands(args):
     """The last line of a run: how to evaluate and export what it wrote."""
     model = f" --model {args.model}" if args.model else ""
     test = f" --task {args.task}" if args.task else f" --data {args.data}" if args.data and Path(args.data).is_dir() else ""
+    if args.data and data.kind_of(args.data) in ("messages", "text"):  # scored by loss on records it did not see
+        test = " --data HELD_OUT.jsonl"
     return (f"next: python eval.py --adapter {args.out}{model}{test}   |   "
             f"python export.py --format peft --adapter {args.out}{model} --out {args.out}-peft")
 

@@ -1,5 +1,6 @@
 """The built-in task, the loaders, prompts and answer extraction."""
 import json
+import math
 
 import pytest
 import torch
@@ -313,6 +314,38 @@ def test_train_py_takes_chat_and_text_jsonl(tmp_path, tiny_checkpoint, kind):
     items = data.load_items(path)
     want = ([data.encode_chat(tok, c, 64) for c in items] if kind == "messages" else data.chunks(tok, items, 64))
     assert encoded == want
+
+
+@pytest.mark.parametrize("kind", ["messages", "text"])
+def test_eval_py_scores_held_out_chats_and_texts_by_their_loss(tmp_path, tiny_checkpoint, kind, capsys):
+    """eval.py --data on chats or texts: the mean loss per target token (a chat's assistant turns,
+    every token of a text) and its perplexity, for the base model and each adapter; train.py's last
+    line on such data points there."""
+    import eval as evaluate
+    import models
+    import train
+
+    if kind == "messages":
+        records = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                 {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(9)]
+    else:
+        records = [{"text": f"Line {i}: the quick brown fox jumps over the lazy dog. " * 3} for i in range(9)]
+    train_file, held_out = write_jsonl(tmp_path / "d.jsonl", records[:6]), write_jsonl(tmp_path / "h.jsonl", records[6:])
+    train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--data", str(train_file), "--out",
+                str(tmp_path / "run"), "--steps", "3", "--batch-size", "2", "--seq-len", "64", "--val-size", "2"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"next: python eval.py --adapter {tmp_path / 'run'} --model {tiny_checkpoint} --data HELD_OUT.jsonl")
+    rows = evaluate.main(["--model", str(tiny_checkpoint), "--data", str(held_out), "--adapter",
+                          str(tmp_path / "run"), "--seq-len", "64", "--batch-size", "2"])
+    assert [r["name"] for r in rows] == ["base", "run"] and "loss" in capsys.readouterr().out
+    model, tok = models.load(tiny_checkpoint)
+    pairs = data.encode_all(tok, data.load_items(held_out), 64)
+    with torch.no_grad():  # one pair at a time, weighted by its targets: the mean over all target tokens
+        sums = [model.loss(*data.collate([p])).item() * sum(t != -100 for t in p[1]) for p in pairs]
+    want = sum(sums) / sum(sum(t != -100 for t in p[1]) for p in pairs)
+    torch.testing.assert_close(rows[0]["loss"], want, rtol=1e-5, atol=0)
+    assert abs(rows[0]["perplexity"] - math.exp(want)) < 1e-6 * math.exp(want)
+    assert rows[1]["loss"] != rows[0]["loss"]  # the adapter is scored, not the base twice
 
 
 def test_train_py_on_a_template_that_fails_as_it_renders_says_so_in_one_line(tmp_path, tiny_checkpoint):
