@@ -112,7 +112,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def delta_weight(self):
@@ -133,14 +133,17 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
-            self.w0 = self.weight.detach().clone()
             wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
-            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
+            merged = (self.weight.to(wide) + (delta.T if self.transposed else delta)).to(self.weight.dtype)  # rounded
+            # a new tensor, not an add in place: a weight tied to another (an lm_head to the embeddings)
+            # leaves the other as it was; w0 is the original Parameter, kept out of the state dict
+            object.__setattr__(self, "w0", self.weight)
+            self.weight = self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self):
         if self.w0 is not None:
-            self.weight.copy_(self.w0)
+            self.weight = self.base.weight = self.w0  # the very Parameter: a tie holds again
             self.w0 = None
 
 

@@ -152,7 +152,7 @@ class MoSARALinear(nn.Module):
         self.lora_w2 = nn.Parameter(torch.empty(1, heads, device=dev).uniform_(-1, 1))
         self.lora_v = nn.Parameter(torch.zeros(self.out_features, device=dev))  # ΔW = 0 at init
         self.gate_mean = None  # (m,) mean gate over the last forward's tokens, for router_weights
-        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def gates(self, z):
@@ -184,14 +184,17 @@ class MoSARALinear(nn.Module):
                 raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
-            self.w0 = self.weight.detach().clone()
             wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
-            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
+            merged = (self.weight.to(wide) + (delta.T if self.transposed else delta)).to(self.weight.dtype)  # rounded
+            # a new tensor, not an add in place: a weight tied to another (an lm_head to the embeddings)
+            # leaves the other as it was; w0 is the original Parameter, kept out of the state dict
+            object.__setattr__(self, "w0", self.weight)
+            self.weight = self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self):
         if self.w0 is not None:
-            self.weight.copy_(self.w0)
+            self.weight = self.base.weight = self.w0  # the very Parameter: a tie holds again
             self.w0 = None
 
 

@@ -206,7 +206,7 @@ class SaLoRALinear(nn.Module):
         # whether training forwards sample the gates: only inside the window (after_step sets it for
         # the next step); training state, saved in checkpoints, not in the adapter
         self.register_buffer("sampling", torch.zeros((), dtype=torch.bool, device=dev), persistent=False)
-        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def gates(self):
@@ -232,14 +232,17 @@ class SaLoRALinear(nn.Module):
                 raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
-            self.w0 = self.weight.detach().clone()
             wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
-            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
+            merged = (self.weight.to(wide) + (delta.T if self.transposed else delta)).to(self.weight.dtype)  # rounded
+            # a new tensor, not an add in place: a weight tied to another (an lm_head to the embeddings)
+            # leaves the other as it was; w0 is the original Parameter, kept out of the state dict
+            object.__setattr__(self, "w0", self.weight)
+            self.weight = self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self):
         if self.w0 is not None:
-            self.weight.copy_(self.w0)
+            self.weight = self.base.weight = self.w0  # the very Parameter: a tie holds again
             self.w0 = None
 
 

@@ -94,7 +94,7 @@ class Config:
     dropout: float = 0.05  # on the adapter's input only
     lam: float = 0.5  # ℓ1 strength: every step shrinks each gate by xi = gate_lr_t * lam
     gate_lr: float | None = 0.03  # the gates' AdamW lr (the reference's sparse_lr); None: the model's lr
-    lam_max: float | None = None  # if set, lam rises in lam_stages equal stages from lam to lam_max; None: lam throughout
+    lam_max: float | None = None  # lam rises in lam_stages equal stages from lam to lam_max; None: lam alone
     lam_stages: int = 7  # stages of the sparsifying schedule (the reference: 7)
     gate_init: str = "randn"  # "randn" (reference: N(0, 1)) or "ones"
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
@@ -170,7 +170,7 @@ class SoRALinear(nn.Module):
         init = torch.randn if cfg.gate_init == "randn" else torch.ones
         self.lora_gate = nn.Parameter(init(cfg.rmax, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
+        self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def pruned(self):
@@ -197,14 +197,17 @@ class SoRALinear(nn.Module):
                 raise ValueError(f"cannot merge into a {self.weight.dtype} weight (a quantised layer): "
                                  "use to_lora() and keep the adapter separate")
             delta = self.delta_weight()
-            self.w0 = self.weight.detach().clone()
             wide = torch.promote_types(self.weight.dtype, delta.dtype)  # W0 + ΔW in float32 (at least),
-            self.weight.copy_(self.weight.to(wide) + (delta.T if self.transposed else delta))  # rounded once
+            merged = (self.weight.to(wide) + (delta.T if self.transposed else delta)).to(self.weight.dtype)  # rounded
+            # a new tensor, not an add in place: a weight tied to another (an lm_head to the embeddings)
+            # leaves the other as it was; w0 is the original Parameter, kept out of the state dict
+            object.__setattr__(self, "w0", self.weight)
+            self.weight = self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self):
         if self.w0 is not None:
-            self.weight.copy_(self.w0)
+            self.weight = self.base.weight = self.w0  # the very Parameter: a tie holds again
             self.w0 = None
 
 

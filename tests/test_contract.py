@@ -127,6 +127,28 @@ def test_merge_equals_unmerged_and_unmerge_restores_w0_bit_for_bit(name, family)
     torch.testing.assert_close(logits(model), y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_merging_an_adapter_on_a_tied_lm_head_leaves_the_embeddings_as_they_were(name):
+    model = tiny_llama(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    method = methods.get(name)
+    torch.manual_seed(0)
+    method.apply(model, method.Config(**{**CONFIGS[name], "targets": ("lm_head",)}))
+    run_steps(model, method)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    y = logits(model)
+    layer = method.layers(model)["lm_head"]
+    assert method.can_merge(model) is None  # CONFIGS' Mo-SARA has one head
+    layer.merge()
+    torch.testing.assert_close(logits(model), y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    layer.unmerge()
+    assert layer.weight is model.model.embed_tokens.weight  # the tie holds again
+    method.merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    torch.testing.assert_close(logits(model), y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,family", CASES)
 def test_to_lora_reproduces_delta_w(name, family):
     _, model = trained(name, family)
