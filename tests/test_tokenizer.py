@@ -409,7 +409,8 @@ def save_sentencepiece(path, style, vocab_size=260):
         t.pre_tokenizer = pre_tokenizers.Metaspace()
         t.decoder = decoders.Metaspace()
     t.add_special_tokens(SP_SPECIALS)
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    PreTrainedTokenizerFast(tokenizer_object=t, **names).save_pretrained(path)
     if style == "llama-class":
         config = json.loads((path / "tokenizer_config.json").read_text())
         (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast",
@@ -429,8 +430,8 @@ def sentencepiece(request, tmp_path_factory):
 # what stresses SentencePiece-style BPE: leading spaces, whitespace runs, newlines, '▁' itself,
 # accented Latin, CJK, emoji and other characters outside the vocabulary, the specials' strings
 sp_texts = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
-    ["<s>", "</s>", "<unk>", "<0x41>", "▁", " ", "  ", "   ", "\n", "\n\n", "\t", " the", "the quick", "café naïve",
-     "e\u0301", "日本語のテキスト", "🙂👍🏽", "ƒøø", "\r\n", "12345", "we'll"])), max_size=8).map("".join)
+    ["<s>", "</s>", "<unk>", "<0x41>", "▁", " ", "  ", "   ", "\n", "\n\n", "\t", " the", "the quick",
+     "café naïve", "e\u0301", "日本語のテキスト", "🙂👍🏽", "ƒøø", "\r\n", "12345", "we'll"])), max_size=8).map("".join)
 
 
 @settings(max_examples=120, deadline=None)
@@ -520,7 +521,7 @@ def write_sentencepiece_model(path, pieces, model_type=2):
     """tokenizer.model: a SentencePiece ModelProto of (piece, type) pieces, scored by position, with
     byte fallback, an identity normalizer and Llama 2's 'Ġ'-free settings (sentencepiece_model.proto)."""
     body = b"".join(protobuf((1, protobuf((1, p), (2, -float(i)), (3, t)))) for i, (p, t) in enumerate(pieces))
-    trainer = protobuf((3, model_type), (35, 1), (40, 0), (41, 1), (42, 2))  # model_type, byte_fallback, unk/bos/eos ids
+    trainer = protobuf((3, model_type), (35, 1), (40, 0), (41, 1), (42, 2))  # type, byte_fallback, unk/bos/eos ids
     (path / "tokenizer.model").write_bytes(body + protobuf((2, trainer), (3, protobuf((1, "identity"), (3, 1)))))
 
 
@@ -542,7 +543,8 @@ def sentencepiece_model(tmp_path_factory):
     t = HFTokenizer(tmodels.BPE(vocab, generate_merges(vocab), byte_fallback=True, fuse_unk=True))
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # add_bos_token's
     t.add_special_tokens(SP_SPECIALS)
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(theirs)
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    PreTrainedTokenizerFast(tokenizer_object=t, **names).save_pretrained(theirs)
     config = {**json.loads((theirs / "tokenizer_config.json").read_text()), "tokenizer_class": "LlamaTokenizerFast",
               "legacy": False, "add_bos_token": True}
     for path in (ours, theirs):
@@ -588,8 +590,9 @@ def test_tokenizers_of_other_kinds_are_refused_when_the_model_loads(tmp_path, st
     ck.write_safetensors_dir(tmp_path, ck.llama_hf_config(tiny_llama(vocab_size=97).cfg),
                              ck.llama_hf_tensors(tiny_llama(vocab_size=97)))
     sentencepiece_refused(tmp_path, style)
-    with pytest.raises(models.LoadError, match=f"is {what}: only BPE tokenizers can be read.*Unigram's most likely "
-                                               "segmentation .* and WordPiece's longest-match are not implemented") as e:
+    refusal = (f"is {what}: only BPE tokenizers can be read.*Unigram's most likely segmentation .* and "
+               "WordPiece's longest-match are not implemented")
+    with pytest.raises(models.LoadError, match=refusal) as e:
         models.load(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
 
