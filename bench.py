@@ -518,7 +518,8 @@ def bench_tokenizer(repeats, size=2 ** 20):
         times = interleaved({"byte_level": lambda: byte_level.encode(text), "sentencepiece": sentencepiece},
                             repeats, torch.device("cpu"))
         out[name] = {k: statistics.median(v) for k, v in times.items()}
-        out[name]["tokens"] = {"byte_level": len(byte_level.encode(text)), "sentencepiece": len(sp.encode_ordinary(text))}
+        out[name]["tokens"] = {"byte_level": len(byte_level.encode(text)),
+                               "sentencepiece": len(sp.encode_ordinary(text))}
     return out
 
 
@@ -641,7 +642,8 @@ def main(argv=None):
         res[f"{n}_step_fraction_of_gemm"] = f / res["steps"][n]["median_s"] / 1e9 / gemm
 
     res["tokenizer"] = bench_tokenizer(args.repeats)
-    res["sentencepiece_over_byte_level_encode"] = res["tokenizer"]["docs"]["sentencepiece"] / res["tokenizer"]["docs"]["byte_level"]
+    docs = res["tokenizer"]["docs"]
+    res["sentencepiece_over_byte_level_encode"] = docs["sentencepiece"] / docs["byte_level"]
     res["init"] = bench_init(base, args.svd_size, 1 if args.quick else args.repeats, args.device)
     for n in ("sara", "mosara"):
         res[f"{n}_init_over_full_svd"] = res["init"]["model"][n] / res["init"]["model"]["full_svd"]
@@ -691,9 +693,9 @@ def report(res):
     ]
     for name, what in (("task", "the built-in task's text"), ("docs", "Python's documentation")):
         t = res["tokenizer"][name]
-        lines.append(f"encode 1 MB of {what}: byte-level {t['byte_level']:.2f} s ({t['tokens']['byte_level']:,} tokens), "
-                     f"SentencePiece-style {t['sentencepiece']:.2f} s ({t['tokens']['sentencepiece']:,} tokens, "
-                     f"{t['sentencepiece'] / t['byte_level']:.2f}x)")
+        lines.append(f"encode 1 MB of {what}: byte-level {t['byte_level']:.2f} s "
+                     f"({t['tokens']['byte_level']:,} tokens), SentencePiece-style {t['sentencepiece']:.2f} s "
+                     f"({t['tokens']['sentencepiece']:,} tokens, {t['sentencepiece'] / t['byte_level']:.2f}x)")
     for key, what in (("model", "the model's target matrices"), ("random", "a random matrix")):
         i = res["init"][key]
         lines.append(f"init on {what} ({i['matrices']}: {', '.join(i['shapes'])}): SARA {i['sara']:.2f} s, "
