@@ -39,6 +39,9 @@ import models
 
 # ----------------------------------------------------------------------------- command line
 
+LR = 1e-3  # --lr where neither the command line nor the method's TRAINING sets it
+
+
 def add_config_flags(parser, config_cls):
     """One flag per dataclass field; the type comes from the annotation, the default from the field."""
     hints = typing.get_type_hints(config_cls)
@@ -79,7 +82,8 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=256, help="longest example in tokens; longer ones are skipped "
                    "(texts are cut into chunks of this length)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"(default: the method's TRAINING lr if it sets one, "
+                   f"else {LR:g})")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
@@ -96,6 +100,9 @@ def parse_args(argv):
     group = p.add_argument_group(f"{known.method} method flags")
     add_config_flags(group, method.Config)
     args = p.parse_args(argv)
+    args.method_defaults = method_defaults(args, method)
+    vars(args).update(args.method_defaults)
+    args.lr = LR if args.lr is None else args.lr
     cfg_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(method.Config)}
     cli.positive(args, "steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_size", "lr", "limit")
     if args.batch_size % args.grad_accum:
@@ -111,6 +118,16 @@ def parse_args(argv):
     return args, method, method.Config(**cfg_kwargs)
 
 
+def method_defaults(args, method):
+    """The settings the method file's TRAINING dict gives (Mo-SARA's lr) that the command line left
+    unset (None): they apply, and config.json records them under train_args as method_defaults."""
+    training = getattr(method, "TRAINING", {})
+    unknown = sorted(set(training) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"the method's TRAINING names {', '.join(unknown)}, which train.py does not set")
+    return {k: v for k, v in training.items() if getattr(args, k) is None}
+
+
 def check_device(name):
     """Refuse a --device that torch does not know, or that this machine does not have."""
     if name is None:
@@ -123,7 +140,8 @@ def check_device(name):
         raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
-NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}
+NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device",
+              "method_defaults"}
 
 
 def recipe(args):
@@ -272,7 +290,7 @@ def log_step(line):
 
 def resume_args(args):
     """The flags a resumed run must share with the run it continues."""
-    skip = {"resume", "out", "log_every", "save_every", "device"}
+    skip = {"resume", "out", "log_every", "save_every", "device", "method_defaults"}  # the values themselves count
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
 
 
@@ -502,6 +520,9 @@ def train(args, method, cfg):
         args.dtype = list(models.DTYPES)[int(choice)]
         dtype = models.DTYPES[args.dtype]
     say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
+    for key, value in args.method_defaults.items():
+        flag = key.replace("_", "-")
+        say(f"{args.method}: {flag} {value} (the method's default; --{flag} to override)")
     ckpt, run_args = args.out / "checkpoint.pt", resume_args(args)
     torch.manual_seed(args.seed)
     t0 = time.time()
