@@ -20,11 +20,10 @@ does not set the value, and says so.
 Run-length rule: Mo-SARA has no schedule of its own; nothing depends on the number of steps.
 
 Notes and decisions:
-- k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. Measured
-  on the default model's 60 q/v matrices, one CPU thread: the full SVD takes 1.9 s. At threshold
-  0.5, k is 20-35% of min(in, out). There torch.svd_lowrank (q = k + 32) needs niter = 8 to lose
-  under 2e-4 of the top-k singular-value mass, and then takes 2.1 s, plus 1.1 s of svdvals to find
-  k first. A truncated factorisation only pays for small k, which Mo-SARA's thresholds do not give.
+- k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. A
+  truncated factorisation (torch.svd_lowrank) only pays for small k, which Mo-SARA's thresholds do
+  not give (at 0.5, k is a fifth to a third of min(in, out)): to be as accurate it needs so many
+  power iterations, plus svdvals to find k first, that it is slower (timings in docs/methods.md).
 - The router has a one-unit bottleneck: the logits are s * w2 for a scalar s per token, so only the
   heads at the extremes of w2 (argmax or argmin) can ever dominate a token. That is the published
   design; router_weights() exposes the mean gates for a heatmap (the paper's Fig. 7).

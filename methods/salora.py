@@ -41,9 +41,9 @@ that will be kept, so the kept adapter is the trained one.
 Defaults and where each comes from: initial rank 8 and target density b = 0.5 in the paper's Fig. 7;
 here rmax = 16 and b = 0.5, so the live budget is LoRA r=8's, allocated where needed (with 8 ranks,
 density 0.5 leaves half of LoRA r=8's budget: planted.py, docs/methods.md). GAMMA = -0.1, ZETA = 1.1,
-tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py); log α ~ N(log(1 - p)
-- log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so that every rank starts open:
-P(g > 0) ≈ 0.99, eval gate 1). alpha = 32 (scale 2, as LoRA's 16 / 8), dropout = 0.05 as LoRA. The
+tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py); log α ~
+N(log(1 - p) - log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so that every
+rank starts open: P(g > 0) ≈ 0.99, eval gate 1). alpha = 32 (scale 2, as LoRA's 16 / 8), dropout = 0.05 as LoRA. The
 paper gives no beta, window, gate lr or multiplier step: beta = 0.01, t_start = 0.1, t_end = 0.7,
 gate_lr_total = 30 (0.2 at 150 steps) and lagrangian_lr_total = 150 (1.0 at 150 steps) are this
 library's, set with planted.py and the built-in task at 150 steps (figures in docs/methods.md and
@@ -88,7 +88,7 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
         method.after_backward(model, step, total_steps)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        method.after_step(model, opt, step, total_steps)  # the ascent on the multiplier
+        method.after_step(model, opt, step, total_steps)  # λ's ascent; hard gates from the window's end
         sched.step()
         opt.zero_grad()
     method.merge(model)                               # the original layers again, W = W0 + ΔW
