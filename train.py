@@ -6,7 +6,8 @@
     python train.py --method lora --task commonsense --limit 500                 # see benchmarks.py
 
 Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` after
-`--method NAME` lists them. Writes into --out (default out/METHOD): adapter.safetensors,
+`--method NAME` lists them. The training settings a method file states in TRAINING (Mo-SARA's lr)
+apply where their flag is not given. Writes into --out (default out/METHOD): adapter.safetensors,
 config.json, log.jsonl (one line per logged step), summary.json; with --save-every N also
 checkpoint.pt, from which --resume continues.
 
