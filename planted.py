@@ -106,9 +106,11 @@ def spearman(a, b):
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def run_method(name, problem, steps=150, batch_size=64, lr=1e-3):
-    """Train `name` at its defaults on `problem` (which it adapts for good); the figures of one table row."""
+def run_method(name, problem, steps=150, batch_size=64, lr=None):
+    """Train `name` at its defaults on `problem` (which it adapts for good); the figures of one table row.
+    lr None: the method's TRAINING lr, else train.py's default, as train.py would."""
     method = methods.get(name)
+    lr = training.method_training(method).get("lr", training.LR) if lr is None else lr
     model = problem.model
     torch.manual_seed(problem.seed)
     method.apply(model, method.Config(targets=("proj",)))
@@ -125,7 +127,7 @@ def run_method(name, problem, steps=150, batch_size=64, lr=1e-3):
         loss = model.loss(*problem.batch(4096, "test")).item()
     found = [method.ranks(model)[f"m.{i}.proj"] for i in range(len(problem.ranks))]
     return {"method": name, "loss": loss, "ranks": found, "rho": spearman(problem.ranks, found),
-            "closed": 1 - sum(found) / start_rank, "live": sum(found)}
+            "closed": 1 - sum(found) / start_rank, "live": sum(found), "lr": lr}
 
 
 def table(rows):
@@ -173,7 +175,8 @@ def parse_args(argv):
                    help="comma-separated (default: all; LoRA first, for the loss ratio)")
     p.add_argument("--steps", type=int, default=150, help="training steps of every method")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate, for every method")
+    p.add_argument("--lr", type=float, default=None, help="AdamW's learning rate, for every method (default: each "
+                   "method's own, as in train.py: its TRAINING lr, else 1e-3)")
     p.add_argument("--dim", type=int, default=256, help="each module is dim x dim")
     p.add_argument("--noise", type=float, default=0.03, help="label noise, standard deviation per output")
     p.add_argument("--seed", type=int, default=0, help="seeds the modules, the data and the adapters")
@@ -194,7 +197,7 @@ def main(argv=None):
                                args.batch_size, args.lr))
         print(f"{name}: loss {rows[-1]['loss']:.4f}, ranks {rows[-1]['ranks']}", flush=True)
     print(f"planted ranks {list(PLANTED)}; {args.dim}x{args.dim} modules, {args.steps} steps of {args.batch_size}, "
-          f"lr {args.lr:g}, noise {args.noise:g}, seed {args.seed}")
+          f"lr {'per method' if args.lr is None else f'{args.lr:g}'}, noise {args.noise:g}, seed {args.seed}")
     print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ for seed in $seeds; do  # every row once before any row twice: a stopped script 
     if [ "$bench" != shakespeare ]; then  # perplexity before and after needs one adapter
         [ "$bench" != builtin ] || run lora16 --method lora --r 16 --alpha 32
         run sara --method sara
-        run mosara --method mosara --lr 3e-2
+        run mosara --method mosara  # at its TRAINING lr, 3e-2
         run sora --method sora
         run adalora --method adalora
         run alora --method alora "${alora[@]}"

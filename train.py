@@ -6,7 +6,8 @@
     python train.py --method lora --task commonsense --limit 500                 # see benchmarks.py
 
 Every field of the method's Config is a flag (`init_r` -> `--init-r`); `--help` after
-`--method NAME` lists them. Writes into --out (default out/METHOD): adapter.safetensors,
+`--method NAME` lists them. The training settings a method file states in TRAINING (Mo-SARA's lr)
+apply where their flag is not given. Writes into --out (default out/METHOD): adapter.safetensors,
 config.json, log.jsonl (one line per logged step), summary.json; with --save-every N also
 checkpoint.pt, from which --resume continues.
 
@@ -61,7 +62,8 @@ def parse_args(argv):
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
     check_device(args.device)
-    plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task))  # reads --data once
+    plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task),  # reads --data once
+                              training.method_training(method))
     args = training.resolved(args, plain)
     if args.model and Path(args.model).exists() and files.overlaps(args.out, args.model):
         raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
@@ -248,6 +250,10 @@ def train(args, method, cfg, plain):
         args = dataclasses.replace(args, dtype=list(models.DTYPES)[int(choice)])
         dtype = models.DTYPES[args.dtype]
     say(f"dtype: {str(dtype).removeprefix('torch.')} for the frozen base, float32 for the adapter ({why})")
+    applied = {k: v for k, v in training.method_training(method).items() if getattr(args, k) == v}
+    for key, value in applied.items():
+        flag = key.replace("_", "-")
+        say(f"{args.method}: {flag} {value:g} (the method's default; --{flag} to override)")
     ckpt, settings = args.out / "checkpoint.pt", training.fixed(args, cfg)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -277,7 +283,8 @@ def train(args, method, cfg, plain):
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
-            "train_args": training.recorded(args), "recipe": training.recipe(args, cfg, plain)}
+            "train_args": training.recorded(args), "method_defaults": applied,
+            "recipe": training.recipe(args, cfg, plain)}
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         if start:

@@ -61,7 +61,8 @@ class RunConfig:
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     seq_len: int = setting(256, "longest example in tokens; longer ones are skipped "
                            "(texts are cut into chunks of this length)")
-    lr: float = setting(1e-3, "AdamW's learning rate, the peak of the schedule")
+    lr: float | None = setting(None, "AdamW's learning rate, the peak of the schedule (default: the method's "
+                               "TRAINING lr where it sets one, else 1e-3)")
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay of the adapter's parameters")
     warmup: int | None = setting(None, "warmup steps (default: 5%% of --steps)")
     schedule: str = setting("cosine", "the lr's decay to 0 after the warmup", choices=("cosine", "linear"))
@@ -127,12 +128,29 @@ def field_comments(cls):
     return comments
 
 
-def defaults(run, data_prompt):
-    """Every setting's default for this run: its field's, but for the three that follow other
-    settings: the prompt follows --data and --task (`data_prompt`: benchmarks.default_prompt's, which
-    reads the data file), the warmup --steps (5% of them), --out --method (out/METHOD)."""
+LR = 1e-3  # --lr where neither the command line nor the method's TRAINING sets it
+
+
+def method_training(method):
+    """The training settings a method file states in TRAINING (Mo-SARA's lr): defaults of this run,
+    for the settings whose default is worked out per run (None in RunConfig)."""
+    given = getattr(method, "TRAINING", {})
+    per_run = {f.name for f in dataclasses.fields(RunConfig) if f.default is None}
+    wrong = sorted(set(given) - per_run)
+    if wrong:
+        raise ValueError(f"{method.NAME}'s TRAINING names {', '.join(wrong)}: only {', '.join(sorted(per_run))} "
+                         "take a method's default")
+    return dict(given)
+
+
+def defaults(run, data_prompt, method_training):
+    """Every setting's default for this run: its field's, but for those that follow other settings:
+    the prompt follows --data and --task (`data_prompt`: benchmarks.default_prompt's, which reads the
+    data file), the warmup --steps (5% of them), --out --method (out/METHOD), and the lr the method
+    (`method_training`: its TRAINING, else LR)."""
     return {**{f.name: f.default for f in dataclasses.fields(RunConfig)},
-            "prompt": data_prompt, "warmup": max(1, run.steps // 20), "out": Path(f"out/{run.method}")}
+            "prompt": data_prompt, "warmup": max(1, run.steps // 20), "out": Path(f"out/{run.method}"),
+            "lr": LR, **method_training}
 
 
 def resolved(run, plain):

@@ -21,9 +21,15 @@ Hyperparameters (peft's AdaLoraConfig): init_r = 12, target_r = 8, delta_t = 1,
 beta1 = beta2 = 0.85; orth_reg_weight = 0.1 (the authors' code; peft's default is 0.5). alpha = 32
 (peft's example and most of the authors' GLUE scripts; 16 in the others); dropout = 0.05 as this
 library's LoRA.
-tinit and tfinal default to 10% and 30% of the run's steps: peft's example uses 200 and 1000 of
-~3900 steps (5% / 26%), the authors' README 500 and 1500 of 3000 (17% / 50%), their GLUE scripts
-~10–15% / ~50%; 10% / 30% sits between them and leaves 60% of the run for the budget to fall.
+tinit = 0.1 and tfinal = 0.3 of the run's steps: peft's example uses 200 and 1000 of ~3900 steps
+(5% / 26%), the authors' README 500 and 1500 of 3000 (17% / 50%), their GLUE scripts ~10–15% / ~50%;
+10% / 30% sits between them and leaves 60% of the run for the budget to fall.
+
+Run-length rule: the budget's phases are fractions of the run (tinit, tfinal; steps = fraction *
+total_steps, rounded), so the same Config falls on the same curve at any length. Two settings stay
+per step, because what they measure is per step: delta_t (an allocation every delta_t steps; at the
+default 1, every step, at any length) and beta1 / beta2 (the EMAs smooth one step's noisy
+sensitivity over the last ~1 / (1 - beta) steps, the paper's and peft's 0.85).
 
 Where this file departs from the paper or peft (huggingface/peft src/peft/tuners/adalora):
 - scale = alpha / init_r; peft divides by ranknum + 1e-5 (ranknum = init_r, never updated). The
@@ -53,9 +59,8 @@ Where this file departs from the paper or peft (huggingface/peft src/peft/tuners
 - lora_E trains at e_lr_scale = 10 times the lr of lora_A and lora_B (its own optimizer group; the
   paper and peft use one lr). With E = 0 and A, B ~ N(0, 0.02²) the update starts as a product of
   three small factors, so at one lr it grows cubically slowly, and the orthogonality penalty keeps
-  A's and B's Adam moments busy with the penalty's gradient. Measured with planted.py (ranks
-  0,0,1,2,4,4,8,8 needed, 150 steps): orth_reg_weight 0.5 at one lr ended at loss 3.3x LoRA r=8's
-  (ρ 0.68 with the planted ranks); 0.1 with E at 10x the lr, 1.20x (ρ 0.87).
+  A's and B's Adam moments busy with the penalty's gradient. Set with planted.py at 150 steps, with
+  orth_reg_weight 0.1 (docs/methods.md has the figures).
 
 Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
 (or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
@@ -104,8 +109,8 @@ HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v
 class Config:
     init_r: int = 12  # triplets per module at the start
     target_r: int = 8  # average triplets per module at the end: the total budget is target_r * modules
-    tinit: int | None = None  # warmup steps at the full budget, no masking; None: 10% of the steps
-    tfinal: int | None = None  # last steps at the target budget, pattern fixed; None: 30% of the steps
+    tinit: float = 0.1  # share of the steps at the full budget first, no masking
+    tfinal: float = 0.3  # share of the steps at the target budget last, pattern fixed
     delta_t: int = 1  # steps between two allocations while the budget falls
     beta1: float = 0.85  # EMA of the sensitivity
     beta2: float = 0.85  # EMA of its uncertainty
@@ -120,9 +125,9 @@ class Config:
             raise ValueError(f"target_r must be positive, got {self.target_r}")
         if self.init_r < self.target_r:
             raise ValueError(f"init_r must be at least target_r, got init_r={self.init_r} < target_r={self.target_r}")
-        for name in ("tinit", "tfinal"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not (0 <= self.tinit and 0 <= self.tfinal and self.tinit + self.tfinal < 1):
+            raise ValueError(f"tinit and tfinal are shares of the run, >= 0 and summing below 1, got {self.tinit} "
+                             f"and {self.tfinal}")
         if self.delta_t < 1:
             raise ValueError(f"delta_t must be positive, got {self.delta_t}")
         for name in ("beta1", "beta2"):
@@ -317,9 +322,8 @@ def check_step(step, total_steps):
 # --- the budget schedule: pure functions of the step ---------------------------------------------
 
 def phases(cfg, total_steps):
-    """(tinit, tfinal) for a run of total_steps: the Config's, or 10% and 30% of the steps."""
-    tinit = total_steps // 10 if cfg.tinit is None else cfg.tinit
-    tfinal = 3 * total_steps // 10 if cfg.tfinal is None else cfg.tfinal
+    """(tinit, tfinal) in steps for a run of total_steps: the Config's shares of it, rounded."""
+    tinit, tfinal = (int(f * total_steps + 0.5) for f in (cfg.tinit, cfg.tfinal))
     if tinit + tfinal >= total_steps:
         raise ValueError(f"total_steps = {total_steps} leaves no steps for AdaLoRA's budget to fall (tinit {tinit} + "
                          f"tfinal {tfinal} >= it): pass the run's true length, or smaller tinit / tfinal")

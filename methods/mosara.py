@@ -11,14 +11,19 @@ starts at zero. A layer trains m*k + out + k + m numbers, orders of magnitude fe
     y = x W0ᵀ + b + ((z * (g lora_lam)) lora_Uᵀ) * lora_v     lora_lam (m, k), lora_v (out,) = 0 at init
 
 Hyperparameters (paper): threshold 0.5 (math; commonsense 0.8 / 0.5), heads m = 5 (3 on E2E),
-dropout 0.05, lr 3e-2 (7e-2 on E2E), targets q and v.
+dropout 0.05, lr 3e-2 (7e-2 on E2E), targets q and v. All defaults here are the paper's math ones.
+
+Training settings: TRAINING below holds the ones Mo-SARA depends on, for any loop to use: lr 3e-2,
+the paper's, 30 times LoRA's 1e-3: it trains only singular values, a router and a zero-initialised
+output vector (m*k + out + k + m numbers a layer). train.py applies TRAINING where the command line
+does not set the value, and says so.
+Run-length rule: Mo-SARA has no schedule of its own; nothing depends on the number of steps.
 
 Notes and decisions:
-- k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. Measured
-  on the default model's 60 q/v matrices, one CPU thread: the full SVD takes 1.9 s. At threshold
-  0.5, k is 20-35% of min(in, out). There torch.svd_lowrank (q = k + 32) needs niter = 8 to lose
-  under 2e-4 of the top-k singular-value mass, and then takes 2.1 s, plus 1.1 s of svdvals to find
-  k first. A truncated factorisation only pays for small k, which Mo-SARA's thresholds do not give.
+- k comes from Algorithm 1 as in SARA. One full float32 SVD gives both k and the vectors. A
+  truncated factorisation (torch.svd_lowrank) only pays for small k, which Mo-SARA's thresholds do
+  not give (at 0.5, k is a fifth to a third of min(in, out)): to be as accurate it needs so many
+  power iterations, plus svdvals to find k first, that it is slower (timings in docs/methods.md).
 - The router has a one-unit bottleneck: the logits are s * w2 for a scalar s per token, so only the
   heads at the extremes of w2 (argmax or argmin) can ever dominate a token. That is the published
   design; router_weights() exposes the mean gates for a heatmap (the paper's Fig. 7).
@@ -40,8 +45,8 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
 
     import torch
     import mosara as method
-    method.apply(model, method.Config(threshold=0.5, heads=5))  # frozen singular vectors; use lr 3e-2
-    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
+    method.apply(model, method.Config(threshold=0.5, heads=5))  # frozen singular vectors
+    opt = torch.optim.AdamW(method.param_groups(model, lr=method.TRAINING["lr"], weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
     model.train()
     for step in range(1, total_steps + 1):
@@ -72,6 +77,10 @@ SIZE_FIELDS = ("heads",)  # the Config fields that size the tensors apply() allo
 HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v": ("v_proj", "attn.c_attn"),
               "o": ("o_proj", "attn.c_proj"), "gate": ("gate_proj",), "up": ("up_proj",),
               "down": ("down_proj",), "fc": ("mlp.c_fc",), "proj": ("mlp.c_proj",)}
+
+
+# training settings this method depends on (the paper's lr); train.py uses them unless told otherwise
+TRAINING = {"lr": 3e-2}
 
 
 @dataclass

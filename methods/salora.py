@@ -12,46 +12,61 @@ Lagrange multiplier λ steers the expected density of the adapter to a target b.
     E‖g‖0 = Σ_j sigmoid(lora_logalpha_j - tau log(-GAMMA / ZETA))                         [eq. 8]
     density C = Σ_i E‖g_i‖0 (out_i + in_i) / Σ_i rmax (out_i + in_i)                      [eq. 11]
     loss = task + beta Σ_i (‖BᵢᵀBᵢ - I‖²_F + ‖AᵢAᵢᵀ - I‖²_F) + lam (C - target_density)²   [eq. 9, 12]
-    lam <- max(0, lam + lagrangian_lr (C - target_density)²)   projected ascent, each step in the window
-    lora_logalpha and lam train only in the window t_start < step <= t_end; frozen outside it.
+    lam <- max(0, lam + (lagrangian_lr_total / total_steps) (C - target_density)²)    (projected ascent)
+    lora_logalpha and lam train only in the window t_start T < step <= t_end T; frozen outside it.
+    at step t_end T the gates harden: the ranks most likely open (P(g > 0) >= 1/2), highest log α first,
+    as far as their parameters fit in target_density of the adapter's, set log α = +HARD (g = 1), the
+    others -HARD (g = 0); from then on every gate is exactly 0 or 1, in training as in eval.
 
-Hyperparameters: initial rank 8 and target density b = 0.5 in the paper's Fig. 7; here rmax = 16 and
-b = 0.5, so the live budget it aims at is LoRA r=8's (see below). GAMMA = -0.1, ZETA = 1.1, tau = 2/3
-(Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py); log α ~ N(log(1 - p) - log p,
-0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so that every rank starts open:
-P(g > 0) ≈ 0.99, eval gate 1). alpha = 32 (scale 2, as LoRA's 16 / 8), dropout = 0.05 as LoRA.
+Run-length rule: every quantity is a fraction of the run or a total over it, so one Config means the
+same at 150 steps and at 3,000. The window is t_start and t_end times total_steps. log α moves at
+gate_lr_t = (gate_lr_total / total_steps) s_t, s_t the run's schedule (the model's lr over its peak):
+an Adam step moves a parameter by about its lr, so the travel of log α over the window is a fixed
+share of gate_lr_total, whatever the length. param_groups does not know total_steps, so log α sits in
+a group at the model's lr and after_step rescales the step the optimizer just took on it by
+gate_lr_total / (total_steps * peak lr): for SGD, Adam or AdamW without decay the step is the lr
+times a direction independent of it, so this is the step at gate_lr_t (up to float32's rounding of
+the small step, ~1e-4 of it at lr 1e-3). λ rises by lagrangian_lr_total / total_steps a step, so its
+growth over the window is also a fixed total.
 
-Where this file decides what the paper leaves open (figures: planted.py, ranks 0,0,1,2,4,4,8,8
-needed, 150 steps; ρ is the rank correlation of the ranks found with those planted):
+Why the gates harden. The paper's gates are binary (eq. 5, g_j ∈ {0, 1}); the Hard-Concrete
+distribution is the relaxation that makes E‖g‖0 differentiable (eq. 7-8), and the Lagrangian steers
+that expectation to b. A deterministic gate left between 0 and 1 keeps its rank live at part
+strength, and then the rank count, and with it the budget, is not what the expectation promised.
+Hardening at t_end ends the relaxation where the Lagrangian stops: a rank stays if its gate is more
+likely open than closed, and the budget b is then met exactly, not in expectation (the ranks with
+the highest log α first). The rest of the run (1 - t_end) trains A and B under the binary gates
+that will be kept, so the kept adapter is the trained one.
+
+Defaults and where each comes from: initial rank 8 and target density b = 0.5 in the paper's Fig. 7;
+here rmax = 16 and b = 0.5, so the live budget is LoRA r=8's, allocated where needed (with 8 ranks,
+density 0.5 leaves half of LoRA r=8's budget: planted.py, docs/methods.md). GAMMA = -0.1, ZETA = 1.1,
+tau = 2/3 (Louizos et al. 2018, as in princeton-nlp/CoFiPruning's l0_module.py); log α ~
+N(log(1 - p) - log p, 0.01²) with drop rate p = 0.05 (CoFi's init, with a smaller p so that every
+rank starts open: P(g > 0) ≈ 0.99, eval gate 1). alpha = 32 (scale 2, as LoRA's 16 / 8), dropout = 0.05 as LoRA. The
+paper gives no beta, window, gate lr or multiplier step: beta = 0.01, t_start = 0.1, t_end = 0.7,
+gate_lr_total = 30 (0.2 at 150 steps) and lagrangian_lr_total = 150 (1.0 at 150 steps) are this
+library's, set with planted.py and the built-in task at 150 steps (figures in docs/methods.md and
+docs/results.md). Why gate_lr_total = 30: AdamW moves log α by about its lr a step, and a gate needs
+~5 to go from open (2.94) to closed (below -2.4) inside the window, 60% of the run.
+
+Where this file decides what the paper leaves open:
 - scale = alpha / rmax, LoRA style; the paper does not scale. A Kaiming, B zero: ΔW = 0 at init.
 - eq. 11 as printed sums per-matrix densities (range [0, K]); C here is normalised over all
   matrices, so b in (0, 1] is the fraction of the adapter's parameters expected to stay.
 - The paper's Lagrangian term is purely quadratic, so (C - b)² >= 0 and projected ascent can
   never lower lam: it is a growing penalty, not a true multiplier. Kept as printed.
 - The paper does not say what happens outside [T_start, T_end]. Here log α and lam train only in
-  the window, and the gates are sampled only there: before it and after it a training forward uses
-  the deterministic eval gates, so the last part of the run fits the adapter that will be kept
-  (sampled gates there add ~100% multiplicative noise to every closing rank). after_backward drops
-  log α's gradient outside the window (grad = None: the optimizer skips it), and after_step sets
-  whether the next step samples. Defaults: t_start = 10 %, t_end = 70 % of total_steps.
-- beta = 0.01; the paper gives none. The penalty is averaged over the adapted modules, as AdaLoRA's
-  is, where the paper sums it: B starts at 0, so every module adds ‖BᵀB − I‖² = rmax at init, and it
-  pulls B towards orthonormal columns whatever the task needs. Summed at 0.1 on the default model it
-  made the loss ~70 against a task loss below 1 (validation loss 0.134 after 150 steps against
-  LoRA's 0.035); averaged, 0.1 still cost planted.py 1.8x LoRA's loss at rmax 8 (0.01: 1.47x, 0:
-  1.37x); at rmax 16, 0.01 gave 0.86x and 0 0.76x: the regulariser is kept, small.
-- rmax = 16 and alpha = 32 rather than the paper's 8: density 0.5 of 8 ranks leaves half of LoRA
-  r=8's budget (planted.py: 32 live ranks, loss 1.4x LoRA's); of 16 ranks it leaves LoRA's budget,
-  allocated where needed (64 live ranks, 50% closed, ρ 0.99, loss 0.86x LoRA's).
-- log α is in its own optimizer group, with its own lr gate_lr = 0.2 (the paper gives none) and no
-  weight decay (decay would pull every gate to P(g > 0) ≈ 0.83). AdamW moves log α by about its lr
-  per step, and a gate needs ~5 to go from open (2.94) to closed (below -2.4) inside the window,
-  60% of the run: gate_lr ≈ 30 / steps, 0.2 for the default 150 steps (set it so for other
-  lengths). At 0.05 log α travels ~3 in that window: with rmax 8 and gates sampled throughout, no
-  rank closed (planted.py); at 0.1, 44% closed, 0.2, 48%.
-  lagrangian_lr = 1.0 (the paper gives none either).
-- ranks() counts eval gates > 0, which close only below log α = -2.4 (P(g > 0) = 0.31): reaching
-  density b closes ranks only as far as the gates polarise (all gates at P = 0.5 close none).
+  the window, and the gates are sampled only there: before it a training forward uses the
+  deterministic eval gates, after it the hardened ones, so the last part of the run fits the adapter
+  that will be kept. after_backward drops log α's gradient outside the window (grad = None: the
+  optimizer skips it), and after_step sets whether the next step samples.
+- The orthogonality penalty is averaged over the adapted modules, as AdaLoRA's is, where the paper
+  sums it: B starts at 0, so every module adds ‖BᵀB − I‖² = rmax at init, and summed it outweighs
+  the task loss many times over on a 60-module adapter; it pulls B towards orthonormal columns
+  whatever the task needs, so it is kept small.
+- log α is in its own optimizer group without weight decay (decay would pull every gate to
+  P(g > 0) ≈ 0.83).
 
 Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
 (or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
@@ -73,7 +88,7 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
         method.after_backward(model, step, total_steps)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        method.after_step(model, opt, step, total_steps)  # the ascent on the multiplier
+        method.after_step(model, opt, step, total_steps)  # λ's ascent; hard gates from the window's end
         sched.step()
         opt.zero_grad()
     method.merge(model)                               # the original layers again, W = W0 + ΔW
@@ -87,6 +102,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GAMMA, ZETA = -0.1, 1.1  # the stretch interval (GAMMA, ZETA) puts probability mass on exactly 0 and 1
+HARD = 10.0  # |log α| of a hardened gate: its eval gate is exactly 0 or 1 (beyond log 11 ≈ 2.4 either way)
 EPS = 1e-6  # keeps log u and log(1 - u) finite
 
 
@@ -106,10 +122,10 @@ class Config:
     target_density: float = 0.5  # b: fraction of the adapter's parameters expected to stay
     beta: float = 0.01  # weight of the orthogonality regulariser
     temperature: float = 2 / 3  # tau of the Hard-Concrete distribution
-    t_start: int | None = None  # gates and lam train at steps t_start < step <= t_end;
-    t_end: int | None = None  # None: 10 % and 70 % of total_steps
-    lagrangian_lr: float = 1.0  # step size of the ascent on lam
-    gate_lr: float = 0.2  # AdamW lr of log α (its own group; scheduled like the model's lr): ≈ 30 / steps
+    t_start: float = 0.1  # gates and lam train at steps t_start T < step <= t_end T (T = total_steps),
+    t_end: float = 0.7  # and the gates harden to 0 or 1 at step t_end T
+    lagrangian_lr_total: float = 150.0  # the ascent's step size on lam times total_steps (1.0 at 150 steps)
+    gate_lr_total: float = 30.0  # log α's peak lr times total_steps (0.2 at 150 steps), on the run's schedule
     droprate_init: float = 0.05  # p: log α starts at log(1 - p) - log p
     alpha: float = 32.0  # ΔW is scaled by alpha / rmax
     dropout: float = 0.05  # on the adapter's input only
@@ -124,14 +140,13 @@ class Config:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.t_start is not None and self.t_start < 0:
-            raise ValueError(f"t_start must be non-negative, got {self.t_start}")
-        if self.t_end is not None and self.t_end <= (self.t_start or 0):
-            raise ValueError(f"t_end must be greater than t_start (and 0), got {self.t_end}")
-        if self.lagrangian_lr < 0:
-            raise ValueError(f"lagrangian_lr must be non-negative, got {self.lagrangian_lr}")
-        if self.gate_lr <= 0:
-            raise ValueError(f"gate_lr must be positive, got {self.gate_lr}")
+        if not 0 <= self.t_start < self.t_end <= 1:
+            raise ValueError(f"t_start and t_end are fractions of the run with 0 <= t_start < t_end <= 1, got "
+                             f"{self.t_start} and {self.t_end}")
+        if not 0 <= self.lagrangian_lr_total < math.inf:
+            raise ValueError(f"lagrangian_lr_total must be a finite number >= 0, got {self.lagrangian_lr_total}")
+        if not 0 < self.gate_lr_total < math.inf:
+            raise ValueError(f"gate_lr_total must be a positive number, got {self.gate_lr_total}")
         if not 0 < self.droprate_init < 1:
             raise ValueError(f"droprate_init must be in (0, 1), got {self.droprate_init}")
         if not 0 <= self.dropout < 1:
@@ -206,6 +221,7 @@ class SaLoRALinear(nn.Module):
         # whether training forwards sample the gates: only inside the window (after_step sets it for
         # the next step); training state, saved in checkpoints, not in the adapter
         self.register_buffer("sampling", torch.zeros((), dtype=torch.bool, device=dev), persistent=False)
+        self.logalpha_before = None  # log α as the optimizer step found it (see after_step)
         self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
@@ -316,11 +332,14 @@ def check_step(step, total_steps):
 # --- training hooks --------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
+    """A and B at lr; log α in a group of its own at lr too (after_step rescales its step to
+    gate_lr_t), without weight decay."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    config(model)
     factors = [p for n, p in params if not n.endswith("lora_logalpha")]
     gates = [p for n, p in params if n.endswith("lora_logalpha")]
     return [{"params": factors, "lr": lr, "weight_decay": weight_decay},
-            {"params": gates, "lr": config(model).gate_lr, "weight_decay": 0.0}]
+            {"params": gates, "lr": lr, "weight_decay": 0.0}]
 
 
 def density(model):
@@ -346,12 +365,11 @@ def extra_loss(model):
 
 
 def window(cfg, total_steps):
-    """(t_start, t_end): log α and lam train at steps t_start < step <= t_end."""
-    t_start = total_steps // 10 if cfg.t_start is None else cfg.t_start
-    t_end = 7 * total_steps // 10 if cfg.t_end is None else cfg.t_end
-    if t_start >= min(t_end, total_steps):
+    """(t_start, t_end) in steps: log α and lam train at steps t_start < step <= t_end."""
+    t_start, t_end = (int(f * total_steps + 0.5) for f in (cfg.t_start, cfg.t_end))
+    if t_start >= t_end:
         raise ValueError(f"total_steps = {total_steps} leaves SaLoRA's gates no steps to train (window "
-                         f"{t_start} < step <= {t_end}): pass the run's true length, or set t_start / t_end")
+                         f"{t_start} < step <= {t_end}): pass the run's true length, or widen t_start / t_end")
     return t_start, t_end
 
 
@@ -361,23 +379,75 @@ def in_window(model, step, total_steps):
     return t_start < step <= t_end
 
 
+@torch.no_grad()
 def after_backward(model, step, total_steps):
-    if not in_window(model, step, total_steps):
-        for m in layers(model).values():
+    """Outside the window drop log α's gradient; inside it keep log α as the optimizer step finds it,
+    for after_step to rescale that step."""
+    inside = in_window(model, step, total_steps)
+    for m in layers(model).values():
+        if inside:
+            m.logalpha_before = m.lora_logalpha.detach().clone()
+        else:
             m.lora_logalpha.grad = None  # the optimizer skips a parameter without a gradient
+
+
+def gate_lr(cfg, group, total_steps):
+    """log α's lr for the step just taken: gate_lr_total / total_steps times the schedule's factor,
+    group lr over the lr it started from (initial_lr, which torch's schedulers set; without a
+    scheduler the lr is constant)."""
+    return cfg.gate_lr_total / total_steps * group["lr"] / group.get("initial_lr", group["lr"])
+
+
+@torch.no_grad()
+def rescale_gate_step(model, optimizer, total_steps):
+    """Turn the step the optimizer took on log α at the group's lr into the step at gate_lr_t; returns gate_lr_t."""
+    lr_t, group_of = 0.0, {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for m in layers(model).values():
+        if m.logalpha_before is None:
+            raise ValueError("after_step rescales log α's step from where after_backward saw it: call "
+                             "after_backward before the optimizer step, every step (see the Usage block)")
+        group = group_of[id(m.lora_logalpha)]
+        lr_t = gate_lr(m.cfg, group, total_steps)
+        ratio = lr_t / group["lr"] if group["lr"] else 0.0  # an lr of 0 moved nothing
+        m.lora_logalpha.copy_(m.logalpha_before + (m.lora_logalpha - m.logalpha_before) * ratio)
+        m.logalpha_before = None
+    return lr_t
+
+
+@torch.no_grad()
+def harden(model):
+    """Every gate to exactly 0 or 1 (log α = ∓HARD): open stay the ranks more likely open than closed
+    (P(g > 0) >= 1/2), highest log α first, as far as their parameters (a row of A and a column of
+    B each) fit in target_density of the adapter's; the others close."""
+    cfg, mods = config(model), list(layers(model).values())
+    logalpha = torch.cat([m.lora_logalpha for m in mods])
+    sizes = torch.cat([torch.full((m.cfg.rmax,), float(m.in_features + m.out_features), device=logalpha.device)
+                       for m in mods])
+    order = logalpha.argsort(descending=True, stable=True)
+    fits = sizes[order].cumsum(0) <= cfg.target_density * sizes.sum()
+    likely = expected_l0(logalpha[order], cfg.temperature) >= 0.5
+    keep = torch.zeros_like(logalpha, dtype=torch.bool)
+    keep[order] = fits & likely  # both hold on a prefix of the order: the kept are the highest log α
+    for m, k in zip(mods, keep.split(cfg.rmax)):
+        m.lora_logalpha.copy_(torch.where(k, HARD, -HARD))
 
 
 @torch.no_grad()
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    cfg, lam, c = config(model), multiplier(model), density(model)
-    if in_window(model, step, total_steps):
-        # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
-        lam.add_(cfg.lagrangian_lr * (c - cfg.target_density) ** 2).clamp_(min=0)
+    """In the window: rescale log α's step, ascend on lam, and at its last step harden the gates.
+    Then set whether the next step samples its gates (iff it lies in the window)."""
+    cfg, lam, lr_t = config(model), multiplier(model), 0.0
     t_start, t_end = window(cfg, total_steps)
-    for m in layers(model).values():  # the next step samples its gates iff it lies in the window
+    if in_window(model, step, total_steps):
+        lr_t = rescale_gate_step(model, optimizer, total_steps)
+        # d/d lam of lam (C - b)² is (C - b)²: ascend, then project onto lam >= 0
+        lam.add_(cfg.lagrangian_lr_total / total_steps * (density(model) - cfg.target_density) ** 2).clamp_(min=0)
+        if step == t_end:
+            harden(model)
+    for m in layers(model).values():
         m.sampling.fill_(t_start < step + 1 <= t_end)
-    c, lam = torch.stack((c, lam)).tolist()  # one device sync for the log
-    return {"density": c, "lam": lam}
+    c, lam = torch.stack((density(model), lam)).tolist()  # one device sync for the log
+    return {"density": c, "lam": lam, "gate_lr": lr_t}
 
 
 def ranks(model):

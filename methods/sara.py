@@ -12,24 +12,27 @@ initialisation each target layer takes k = the fewest singular values of W0 whos
 Hyperparameters (paper): threshold 0.01 (LLaMA-7B math), 0.09 / 0.075 (commonsense, LLaMA-7B /
 13B), 0.012 (E2E, GPT-2 M): each picked so that the trainable count matches LoRA's; dropout 0.05;
 lr 1e-3; targets q and v. Our default threshold 0.0615 does the same on the default model
-(SmolLM2-135M, q and v: 460,889 trainable numbers against LoRA r=8's 460,800).
+(SmolLM2-135M, q and v: 460,889 trainable numbers against LoRA r=8's 460,800). The default init
+"v0" is this library's choice (below). Run-length rule: k is fixed at init and SARA has no schedule,
+so nothing depends on the number of steps; it trains at the model's lr (TRAINING is empty).
 
 Where this file departs from the paper:
 - Algorithm 1 as printed compares the running sum with `threshold` instead of `threshold * total`;
   we use the target, and count the prefix that *reaches* it, so k >= 1 always. Singular values
   below the numerical-rank tolerance (as torch.linalg.matrix_rank) count as zero, so k never
   exceeds the numerical rank and threshold = 1 gives exactly that rank. A zero matrix raises.
-- Init. The paper says the truncated matrix is "randomly initialized" (Kaiming-uniform), which
-  read literally makes ΔW != 0 at the start (init="paper"). Default init="v0", the paper's "V=0"
-  ablation (Table 4; the paper writes h = x W, so its V is the output side, lora_U here): lora_U = 0,
-  lora_V Kaiming-uniform, and lora_lam = 2 where the ablation draws it at random. ΔW = 0, and the
-  first gradient reaches lora_U in full (∂L/∂U = G (V x)ᵀ diag(lam)), as LoRA's reaches its B;
-  lam = 2 makes ΔW move as fast as LoRA's at its default alpha / r = 2. init="lambda0" (U, V
-  Kaiming-uniform, lam = 0) also keeps ΔW = 0, but at step 0 only lam gets a gradient and U's random
-  output directions barely move: on the built-in task (150 steps, fp32) it reached 30.0% against LoRA's
-  65.5%, and with planted.py's ranks a loss of 2.8x LoRA's; "v0" with lam ~ U(−1, 1) reached 59.0%
-  on the built-in task, and planted.py's loss was 1.30x LoRA's with lam = 1, 1.12x with lam = 2;
-  the default (lam = 2) reached 65.5% ± 0.7 on the built-in task, as LoRA did (bf16, 2 seeds).
+- Init (Config.init). "paper" is the paper's: the truncated matrix is "randomly initialized",
+  Kaiming-uniform (its Appendix): lora_U, lora_V Kaiming-uniform and lora_lam U(-1, 1) (Kaiming-uniform
+  of a (k, 1) column), so ΔW != 0 at step 0 and the model's outputs move before any training.
+  The default "v0" is the paper's Table 4 ablation "V=0" (the paper writes h = x W, so its V is the
+  output side, lora_U here), which the paper scores below SARA (58.85 against 62.18, LLaMA-7B, math):
+  lora_U = 0, lora_V Kaiming-uniform, and lora_lam = 2 where the ablation draws it at random. It is
+  the default because it keeps this library's rule that every method starts from the base model
+  exactly (ΔW = 0, as LoRA's B = 0), and on the built-in task at 150 steps it trains as fast as LoRA
+  (this library's measurement: docs/methods.md). Why lam = 2: U's gradient is G (V x)ᵀ diag(lam), so a
+  lam near 0 would stall it, and 2 makes ΔW move as fast as LoRA's at its default alpha / r = 2.
+  "lambda0" (U, V Kaiming-uniform, lam = 0) also keeps ΔW = 0, but at step 0 only lam gets a
+  gradient and U's random output directions barely move: it learns far slower at these lengths.
   Zeroing the up-projection *and* lora_lam is refused: no factor could ever get a gradient.
 
 Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
@@ -81,7 +84,7 @@ HF_TARGETS = {"q": ("q_proj", "attn.c_attn"), "k": ("k_proj", "attn.c_attn"), "v
 @dataclass
 class Config:
     threshold: float = 0.0615  # share of the singular-value sum that sets each layer's rank k
-    init: str = "v0"  # v0: up-projection lora_U = 0, lam = 1 (ΔW = 0); lambda0: lam = 0; paper: all random
+    init: str = "v0"  # v0: lora_U = 0, lam = 2 (ΔW = 0); lambda0: lam = 0 (ΔW = 0); paper: all random (ΔW != 0)
     dropout: float = 0.05  # on the adapter's input only
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 

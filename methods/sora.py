@@ -7,39 +7,48 @@ zero ranks are cut out and each module is a plain LoRA of its own, smaller rank.
     y = x W0ᵀ + b + (alpha / rmax) * ((dropout(x) lora_Aᵀ) ⊙ lora_gate) lora_Bᵀ
     ΔW = (alpha / rmax) lora_B diag(lora_gate) lora_A
     lora_A (rmax, in): Kaiming-uniform;  lora_B (out, rmax): zeros -> ΔW = 0;  lora_gate (rmax,): N(0, 1)
-    after every optimizer step:  lora_gate <- soft_threshold(lora_gate, xi),  xi = gate_lr_t * lam
+    after every optimizer step:  lora_gate <- soft_threshold(lora_gate, xi)
     soft_threshold(g, xi) = sign(g) * max(|g| - xi, 0)       (the prox of xi * |g|)
     post-pruning: keep = lora_gate != 0;  A' = lora_A[keep],  B' = (alpha / rmax) lora_B[:, keep] diag(lora_gate[keep])
 
-Hyperparameters. Paper (GLUE, DeBERTaV3-base): rmax = 8, lr 8e-4, λ = 0.1, 20 epochs. Reference code
-(TsinghuaC3I/SoRA): lora alpha 16 with r = 8 (scale 2), gates N(0, 1) trained by Adam with a learning
-rate of their own (`sparse_lr`), a constant threshold ξ = 3e-4 per step at lr 8e-4 (ξ / lr ≈ 0.4) over
-tens of thousands of steps; its staged schedule raises ξ from 0 to 7e-4 in 7 stages.
+Two regimes (Config.regime):
+- "library" (the default): the gates move at gate_lr_t = (gate_lr_total / total_steps) * s_t, s_t the
+  run's schedule (the model's lr_t over its peak), and xi = gate_lr_t * lam (the paper's η_t λ).
+- "reference" (TsinghuaC3I/SoRA): the gates move at the model's lr (its `sparse_lr` defaults to it, and
+  no script sets it), xi is a constant (`sparse_lambda_2`), and the loss gains l1 * mean|lora_gate|
+  over all gates (its trainer's `sparse_lambda` term).
 
-Where this file departs from the paper or the reference code, and why:
-- ξ = gate_lr_t * lam with gate_lr_t the gates' group learning rate for the step just taken (the paper's
-  η_t · λ, on the run's schedule); the reference subtracts a constant ξ.
+Run-length rule: nothing in the library regime depends on the number of steps. An Adam step moves
+a gate by about its lr whatever its gradient, so the distance a gate can travel over a run is
+Σ gate_lr_t; with a per-step gate lr that sum grows with the run, and a 600-step run closes far more
+than a 150-step one with the same Config. gate_lr_total fixes the sum instead: Σ gate_lr_t =
+gate_lr_total * mean(s_t) at any length (≈ 2.2 under train.py's warmup + cosine). param_groups does
+not know total_steps, so the gates sit in a group at the model's lr and after_step rescales the step
+the optimizer just took on them by gate_lr_total / (total_steps * peak lr): a step of SGD, Adam or
+AdamW without decay is its lr times a direction that does not depend on the lr, so this is the step
+at gate_lr_t (up to float32's rounding of the small step, ~1e-4 of it at lr 1e-3). The lam_max
+stages are fractions of the run. The reference regime is kept as the reference has it, per step:
+its travel grows with the run.
+
+Defaults and where each comes from:
+- rmax = 16, alpha = 32: scale alpha / rmax = 2, the reference's (lora alpha 16 at r = 8) and this
+  library's LoRA's (16 / 8); the scale stays alpha / rmax after pruning. The paper uses rmax = 8.
+- gate_lr_total = 4.5 (0.03 at 150 steps) and lam = 0.5: this library's measurement on the built-in
+  task at 150 steps (docs/results.md) and planted.py (docs/methods.md); the paper's λ is 0.1 at lr 8e-4
+  over 20 epochs of GLUE, the reference's ξ / lr ≈ 0.4. Why lam < 1 with fast gates: a gate gains
+  (1 - lam) gate_lr_t a step while its gradient keeps a sign and loses about lam gate_lr_t while its
+  gradient is noise, so the prox is an importance test; with lam > 1 no gate can outrun the prox and
+  the gates that die are those that started small; with the gates at the model's lr (travel ≈ 0.08
+  against |gate| ≈ 0.8 at init) almost nothing closes in a run of hundreds of steps.
+- regime "reference": xi = 3e-4 and l1 = 10, the reference's no-schedule script (scripts/
+  run_glue_sora_no_schedule.sh: lambda2 3e-4, lambda 10, lr 8e-4, 20 epochs). Its schedule script
+  raises xi in 7 stages; here lam_max raises lam in lam_stages = 7 stages (library regime).
+- Gates N(0, 1) as in the reference (gate_init="ones" is the alternative); B = 0 keeps ΔW = 0 at init.
+
+Where this file departs from the paper or the reference code:
 - The exact soft threshold. The reference's three masked updates also zero gates that start in (ξ, 2ξ].
-- Adam on the gates (as the reference; the paper writes plain SGD), then the prox. No ℓ1 term in the
-  loss (the reference adds one as well): the prox already is the ℓ1 step.
-- gate_lr = 0.03 (30x the default lr) and lam = 0.5: the reference's regime (lam < 1, a gate learning
-  rate of its own), scaled to runs of hundreds of steps. An Adam step moves a gate by about gate_lr_t
-  whatever its gradient, and the prox takes lam times that back, so a gate lives while its gradient
-  keeps a sign (it gains (1 - lam) gate_lr_t a step) and dies while its gradient is noise (it loses
-  about lam gate_lr_t): an importance test, over a travel of Σ gate_lr_t ≈ 2 (150 steps) against
-  |gate| ≈ 0.8 at init. With the gates at the model's lr that travel is 0.08 and almost nothing
-  closes; with lam > 1 no gate can outrun the prox, so the gates that die are those that started
-  small, not the unimportant ones. Measured over 150 steps with planted.py (ranks 0,0,1,2,4,4,8,8
-  needed): lam 2 at the model's lr closed 5% of the ranks, ρ 0.84 with the planted ranks; at
-  gate_lr 0.03, lam 0.8 closed 30%, ρ 0.95, and lam 0.5 27%, ρ 0.88, loss 0.58x LoRA r=8's (93 live
-  ranks against LoRA's 64). On the built-in task, where every module needs some rank, lam 0.8
-  closed 64% at 59.2% ± 0.4 accuracy (2 seeds), lam 0.5 38% at 63.5% ± 2.0 (3 seeds; LoRA r=16:
-  66.8% ± 0.8), lam 0.3 15% at 63.0% (1 seed): lam 0.5 closes over a quarter of the ranks on both
-  the lowest lam tried that does. The travel grows with the run, so a longer run closes more.
-- alpha = 32 so the scale alpha / rmax is 2 at the default rmax = 16: the reference's scale (16 / 8) and
-  this library's LoRA default (16 / 8). The scale stays alpha / rmax after pruning.
-- Gates N(0, 1) as in the reference (gate_init="ones" is the alternative). B = 0 keeps ΔW = 0 at
-  init either way.
+- Adam on the gates (as the reference; the paper writes plain SGD), then the prox. In the library
+  regime no ℓ1 term in the loss (the reference adds one as well): the prox already is the ℓ1 step.
 - Modules whose gates are all zero prune to rank 0: to_lora gives them A' (0, in) and B' (out, 0), whose
   product is the zero matrix; formats that forbid rank 0 (PEFT) must skip them.
 
@@ -92,10 +101,13 @@ class Config:
     rmax: int = 16  # rank before sparsification; each module ends with its own rank <= rmax
     alpha: float = 32.0  # ΔW is scaled by alpha / rmax (2 at the defaults, like the reference)
     dropout: float = 0.05  # on the adapter's input only
-    lam: float = 0.5  # ℓ1 strength: every step shrinks each gate by xi = gate_lr_t * lam
-    gate_lr: float | None = 0.03  # the gates' AdamW lr (the reference's sparse_lr); None: the model's lr
-    lam_max: float | None = None  # lam rises in lam_stages equal stages from lam to lam_max; None: lam alone
-    lam_stages: int = 7  # stages of the sparsifying schedule (the reference: 7)
+    regime: str = "library"  # "library" (run-length invariant) or "reference" (TsinghuaC3I/SoRA's): see above
+    gate_lr_total: float = 4.5  # library: the gates' peak lr times total_steps (0.03 at 150 steps)
+    lam: float = 0.5  # library: every step shrinks each gate by xi = gate_lr_t * lam
+    lam_max: float | None = None  # library: lam rises in lam_stages equal stages from lam to lam_max; None: lam alone
+    lam_stages: int = 7  # stages of that schedule (the reference's: 7)
+    xi: float = 3e-4  # reference: every step shrinks each gate by this constant (sparse_lambda_2)
+    l1: float = 10.0  # reference: extra_loss = l1 * mean|lora_gate| over all gates (sparse_lambda)
     gate_init: str = "randn"  # "randn" (reference: N(0, 1)) or "ones"
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
@@ -106,14 +118,21 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
-        if self.gate_lr is not None and not 0 < self.gate_lr < math.inf:
-            raise ValueError(f"gate_lr must be a positive number, got {self.gate_lr}")
+        if self.regime not in ("library", "reference"):
+            raise ValueError(f"regime must be 'library' or 'reference', got {self.regime!r}")
+        if not 0 < self.gate_lr_total < math.inf:
+            raise ValueError(f"gate_lr_total must be a positive number, got {self.gate_lr_total}")
         if not 0 <= self.lam < math.inf:
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
         if self.lam_max is not None and not self.lam <= self.lam_max < math.inf:
             raise ValueError(f"lam_max must be finite and >= lam ({self.lam}), got {self.lam_max}")
+        if self.lam_max is not None and self.regime == "reference":
+            raise ValueError("lam_max schedules lam, which the reference regime does not use (its threshold is xi)")
         if self.lam_stages < 2:
             raise ValueError(f"lam_stages must be at least 2, got {self.lam_stages}")
+        for name in ("xi", "l1"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.gate_init not in ("randn", "ones"):
             raise ValueError(f"gate_init must be 'randn' or 'ones', got {self.gate_init!r}")
 
@@ -170,7 +189,8 @@ class SoRALinear(nn.Module):
         init = torch.randn if cfg.gate_init == "randn" else torch.ones
         self.lora_gate = nn.Parameter(init(cfg.rmax, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.w0 = None  # W0's Parameter while merged, so unmerge puts it back, bit for bit
+        self.gate_before = None  # the gates as the optimizer step found them (library regime; see after_step)
+        self.w0 = None  # a copy of W0 while merged, so unmerge restores it bit for bit
         self.train(base.training)  # a new module starts in training mode; keep the model's mode
 
     def pruned(self):
@@ -271,19 +291,29 @@ def check_step(step, total_steps):
 # --- training hooks -------------------------------------------------------------------------------
 
 def param_groups(model, lr, weight_decay):
-    """A and B as in LoRA; the gates in a group of their own, at gate_lr (None: lr) on the same
-    schedule, without weight decay (only the ℓ1 prox)."""
-    cfg, ls = config(model), layers(model).values()
+    """A and B as in LoRA; the gates in a group of their own at the model's lr (the library regime
+    rescales their step in after_step), without weight decay (only the ℓ1 prox)."""
+    config(model)
+    ls = layers(model).values()
     return [{"params": [p for m in ls for p in (m.lora_A, m.lora_B)], "lr": lr, "weight_decay": weight_decay},
-            {"params": [m.lora_gate for m in ls], "lr": cfg.gate_lr or lr, "weight_decay": 0.0}]
+            {"params": [m.lora_gate for m in ls], "lr": lr, "weight_decay": 0.0}]
 
 
 def extra_loss(model):
-    return torch.zeros((), device=next(model.parameters()).device)
+    """The reference regime's ℓ1 term, l1 * mean|lora_gate| over all gates; zero in the library regime."""
+    cfg = config(model)
+    if cfg.regime == "library":
+        return torch.zeros((), device=next(model.parameters()).device)
+    return cfg.l1 * torch.cat([m.lora_gate for m in layers(model).values()]).abs().mean()
 
 
+@torch.no_grad()
 def after_backward(model, step, total_steps):
+    """Keep the gates as they are before the optimizer step: after_step rescales that step."""
     check_step(step, total_steps)
+    if config(model).regime == "library":
+        for m in layers(model).values():
+            m.gate_before = m.lora_gate.detach().clone()
 
 
 def lam_at(cfg, step, total_steps):
@@ -294,20 +324,38 @@ def lam_at(cfg, step, total_steps):
     return cfg.lam + (cfg.lam_max - cfg.lam) * stage / (cfg.lam_stages - 1)
 
 
+def gate_lr(cfg, group, total_steps):
+    """The library regime's gate lr for the step just taken: gate_lr_total / total_steps times the
+    schedule's factor, group lr over the lr it started from (initial_lr, which torch's schedulers set;
+    without a scheduler the lr is constant)."""
+    return cfg.gate_lr_total / total_steps * group["lr"] / group.get("initial_lr", group["lr"])
+
+
 @torch.no_grad()
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
-    """The proximal step on every gate, xi = lr * lam, with the lr its group's step just used: the
-    scheduler steps after this hook, so group["lr"] is still that step's."""
+    """Library regime: rescale the step the optimizer took on every gate to gate_lr_t (the step is
+    linear in its lr), then the prox with xi = gate_lr_t * lam. Reference regime: the prox with the
+    constant xi. The scheduler steps after this hook, so group["lr"] is still the step's."""
     check_step(step, total_steps)
-    ls = list(layers(model).values())
-    lam = lam_at(config(model), step, total_steps)
-    gates = {id(m.lora_gate) for m in ls}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in gates:
-                p.copy_(soft_threshold(p, group["lr"] * lam))
+    cfg, ls = config(model), list(layers(model).values())
+    if cfg.regime == "reference":
+        for m in ls:
+            m.lora_gate.copy_(soft_threshold(m.lora_gate, cfg.xi))
+        figures = {"xi": cfg.xi}
+    else:
+        if any(m.gate_before is None for m in ls):
+            raise ValueError("after_step rescales the gates' step from where after_backward saw them: call "
+                             "after_backward before the optimizer step, every step (see the Usage block)")
+        lam, group_of = lam_at(cfg, step, total_steps), {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for m in ls:
+            group = group_of[id(m.lora_gate)]
+            lr_t = gate_lr(cfg, group, total_steps)
+            ratio = lr_t / group["lr"] if group["lr"] else 0.0  # an lr of 0 moved nothing
+            m.lora_gate.copy_(soft_threshold(m.gate_before + (m.lora_gate - m.gate_before) * ratio, lr_t * lam))
+            m.gate_before = None
+        figures = {"lam": lam, "gate_lr": lr_t}
     live = torch.cat([m.lora_gate for m in ls]).count_nonzero()
-    return {"live_rank": int(live), "lam": lam}
+    return {"live_rank": int(live), **figures}
 
 
 def ranks(model):

@@ -63,6 +63,12 @@ def test_every_method_gives_a_row(name):
     assert row["rho"] is None or -1 <= row["rho"] <= 1
 
 
+def test_each_method_trains_at_the_lr_train_py_would_give_it():
+    assert planted.run_method("mosara", planted.Problem(dim=16), steps=2, batch_size=8)["lr"] == 3e-2
+    assert planted.run_method("lora", planted.Problem(dim=16), steps=2, batch_size=8)["lr"] == 1e-3
+    assert planted.run_method("mosara", planted.Problem(dim=16), steps=2, batch_size=8, lr=0.005)["lr"] == 0.005
+
+
 def test_the_command_writes_the_table_json_and_picture(tmp_path, capsys):
     out = tmp_path / "planted"
     rows = planted.main(["--methods", "lora,sora", "--dim", "16", "--steps", "4", "--out", str(out)])

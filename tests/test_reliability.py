@@ -29,8 +29,8 @@ from helpers import FAST, FUZZ, ROOT, Exploit, adapters_equal, run, snapshot
 def test_every_method_resumes_to_the_same_adapter(tmp_path, tiny_checkpoint, monkeypatch, name, dtype):
     """Killed between checkpoints, resumed: bit-identical to the uninterrupted run. The method's own
     state (AdaLoRA's EMAs, SaLoRA's λ, ALoRA's moved ranks, SoRA's gates) travels in checkpoint.pt."""
-    flags = {"alora": ["--k1", "3", "--k2", "3", "--rounds", "2"], "adalora": ["--tinit", "2", "--tfinal", "3"],
-             "salora": ["--t-start", "2", "--t-end", "8"]}.get(name, [])
+    flags = {"alora": ["--k1", "3", "--k2", "3", "--rounds", "2"], "adalora": ["--tinit", "0.17", "--tfinal", "0.25"],
+             "salora": ["--t-start", "0.17", "--t-end", "0.67"]}.get(name, [])
     args = ["--method", name, "--model", str(tiny_checkpoint), *FAST, "--steps", "12", "--save-every", "4",
             "--dtype", dtype, *flags]
     train.main([*args, "--out", str(tmp_path / "full")])

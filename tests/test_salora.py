@@ -102,19 +102,82 @@ def test_eval_gates_deterministic_and_one_mask_per_batch():
     assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2])  # ... shared by the batch's examples
 
 
+def step_hooks(model, opt, step, total):
+    """after_backward and after_step around an optimizer step that moves nothing (no gradients)."""
+    salora.after_backward(model, step, total)
+    opt.step()
+    return salora.after_step(model, opt, step, total)
+
+
 @SETTINGS
 @given(total=st.integers(3, 60), data=st.data())
 def test_gates_are_sampled_in_the_window_only(total, data):
-    """after_step of step t sets the sampling of step t + 1: on exactly at t_start < t + 1 <= t_end, so
+    """after_step of step t sets the sampling of step t + 1: on exactly at t_start T < t + 1 <= t_end T, so
     the last part of a run trains with the gates it will be evaluated with."""
     t_start = data.draw(st.integers(0, total - 1))
-    t_end = data.draw(st.integers(t_start + 1, total + 2))
-    model = salora.apply(tiny_llama(), salora.Config(t_start=t_start, t_end=t_end))
+    t_end = data.draw(st.integers(t_start + 1, total))
+    model = salora.apply(tiny_llama(), salora.Config(t_start=t_start / total, t_end=t_end / total))
+    assert salora.window(salora.config(model), total) == (t_start, t_end)
     opt = torch.optim.AdamW(salora.param_groups(model, 1e-3, 0.0))
     for step in range(1, total + 1):
-        salora.after_step(model, opt, step, total)
+        step_hooks(model, opt, step, total)
         flags = {bool(m.sampling) for m in salora.layers(model).values()}
         assert flags == {t_start < step + 1 <= t_end}
+
+
+@SETTINGS
+@given(t_start=st.floats(0, 0.9), width=st.floats(0.05, 1), total=st.integers(20, 2000))
+def test_the_window_is_a_share_of_the_run(t_start, width, total):
+    """t_start and t_end are fractions of total_steps: the window sits at the same place in a run of
+    any length (to the nearest step)."""
+    cfg = salora.Config(t_start=t_start, t_end=min(1.0, t_start + width))
+    try:
+        ws, we = salora.window(cfg, total)
+    except ValueError:  # a run too short for the window to hold a step
+        assert int(cfg.t_start * total + 0.5) >= int(cfg.t_end * total + 0.5)
+        return
+    assert abs(ws - cfg.t_start * total) <= 0.5 and abs(we - cfg.t_end * total) <= 0.5
+    assert salora.window(cfg, 4 * total) == pytest.approx((4 * ws, 4 * we), abs=2)
+
+
+def run_with_constant_gradient(cfg, total, schedule=lambda s: 1.0):
+    """The hooks around AdamW over `total` steps where every log α has the gradient +1 (so Adam moves
+    it by its lr a step); returns after_step's figures and the log α after each step."""
+    model = salora.apply(tiny_llama(), cfg)
+    opt = torch.optim.AdamW(salora.param_groups(model, 1e-3, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    figures, logalpha = [], []
+    for step in range(1, total + 1):
+        for m in salora.layers(model).values():
+            m.lora_logalpha.grad = torch.ones_like(m.lora_logalpha)
+        salora.after_backward(model, step, total)
+        opt.step()
+        figures.append(salora.after_step(model, opt, step, total))
+        logalpha.append(torch.cat([m.lora_logalpha.detach().clone() for m in salora.layers(model).values()]))
+        sched.step()
+        opt.zero_grad()
+    return figures, logalpha
+
+
+@settings(max_examples=8, deadline=None)
+@given(tenths=st.integers(2, 6), gate_lr_total=st.floats(0.5, 40))
+def test_log_alpha_travels_the_same_over_the_window_at_any_length(tenths, gate_lr_total):
+    """Each step in the window moves log α by gate_lr_total / total_steps (under a constant gradient and
+    schedule), so its travel over the window, gate_lr_total * (t_end - t_start), does not depend on
+    the run's length."""
+    cfg = salora.Config(rmax=2, gate_lr_total=gate_lr_total)
+    travel = []
+    for total in (10 * tenths, 40 * tenths):
+        figures, logalpha = run_with_constant_gradient(cfg, total)
+        ws, we = salora.window(cfg, total)
+        lrs = [f["gate_lr"] for f in figures]
+        assert lrs == pytest.approx([gate_lr_total / total if ws < s <= we else 0.0 for s in range(1, total + 1)])
+        for s in range(2, we):  # every step but the last of the window (which hardens the gates)
+            moved = logalpha[s - 2] - logalpha[s - 1]
+            # float32 holds the optimizer's step (lr 1e-3) on a log α of ~3 to ~1e-4 of itself: the rescale keeps that
+            torch.testing.assert_close(moved, torch.full_like(moved, lrs[s - 1]), rtol=2e-3, atol=1e-6)
+        travel.append(sum(lrs))
+    assert travel[0] == pytest.approx(travel[1]) == pytest.approx(gate_lr_total * 0.6)
 
 
 # --- the regularisers and the multiplier -------------------------------------------------------------
@@ -139,25 +202,29 @@ def test_orthogonality_zero_only_at_orthonormal_factors(r, extra_in, extra_out, 
 @given(st.floats(0.05, 1.0), st.floats(0, 10), st.lists(st.floats(-6, 6), min_size=1, max_size=6),
        st.integers(0, 2**31))
 def test_lambda_never_negative_nor_decreasing(b, lr, moves, seed):
-    model = salora.apply(tiny_llama(), salora.Config(target_density=b, lagrangian_lr=lr, t_start=0,
-                                                         t_end=len(moves)))
+    total = len(moves)
+    model = salora.apply(tiny_llama(), salora.Config(target_density=b, lagrangian_lr_total=lr * total, t_start=0,
+                                                     t_end=1.0))
+    opt = torch.optim.AdamW(salora.param_groups(model, 1e-3, 0.0))
     lams = [salora.multiplier(model).item()]
     g = torch.Generator().manual_seed(seed)
     for step, move in enumerate(moves, 1):
         with torch.no_grad():
             for m in salora.layers(model).values():
                 m.lora_logalpha.add_(move * torch.rand(m.lora_logalpha.shape, generator=g))
-        figures = salora.after_step(model, None, step, len(moves))
+        c = salora.density(model).item()
+        figures = step_hooks(model, opt, step, total)
         assert figures["lam"] == salora.multiplier(model).item()
+        assert figures["lam"] == pytest.approx(lams[-1] + lr * (c - b) ** 2, rel=1e-5, abs=1e-6)  # lr a step
         lams.append(figures["lam"])
     assert all(0 <= before <= after for before, after in zip(lams, lams[1:]))
 
 
 def test_lambda_unchanged_when_density_on_target():
-    model = salora.apply(tiny_llama(), salora.Config(lagrangian_lr=5.0, t_start=0))
+    model = salora.apply(tiny_llama(), salora.Config(lagrangian_lr_total=50.0, t_start=0))
     salora.multiplier(model).fill_(2.5)
     salora.config(model).target_density = salora.density(model).item()
-    assert salora.after_step(model, None, 1, 10)["lam"] == 2.5
+    assert step_hooks(model, torch.optim.AdamW(salora.param_groups(model, 1e-3, 0.0)), 1, 10)["lam"] == 2.5
 
 
 def test_extra_loss_is_orthogonality_and_density_terms():
@@ -174,11 +241,11 @@ def test_extra_loss_is_orthogonality_and_density_terms():
 # --- dynamics ------------------------------------------------------------------------------------------
 
 def test_density_moves_toward_target_and_ranks_close():
-    cfg = salora.Config(rmax=4, dropout=0.0, target_density=0.5, lagrangian_lr=1.0, gate_lr=0.2, t_start=0,
-                        t_end=40, targets=("q", "v", "o"))
+    cfg = salora.Config(rmax=4, dropout=0.0, target_density=0.5, lagrangian_lr_total=40.0, gate_lr_total=8.0,
+                        t_start=0, t_end=1.0, targets=("q", "v", "o"))
     model = tiny_llama(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16)
     history = train(salora.apply(model, cfg), 40)
-    start, end = history[0]["density"], history[-1]["density"]
+    start, end = history[0]["density"], history[-2]["density"]  # the last step hardens the gates
     assert start > 0.95 and abs(end - 0.5) < 0.1 < abs(start - 0.5)
     assert history[-1]["lam"] > 0
     assert sum(salora.ranks(model).values()) < 4 * len(salora.layers(model))
@@ -186,7 +253,7 @@ def test_density_moves_toward_target_and_ranks_close():
 
 def test_gates_and_lambda_frozen_outside_window():
     # droprate 0.5: log α ≈ 0, so few sampled gates sit clamped at 0 or 1 (where their gradient is 0)
-    cfg = salora.Config(rmax=4, dropout=0.0, gate_lr=0.1, t_start=2, t_end=4, droprate_init=0.5)
+    cfg = salora.Config(rmax=4, dropout=0.0, gate_lr_total=0.6, t_start=2 / 6, t_end=4 / 6, droprate_init=0.5)
     model = tiny_llama(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16)
     salora.apply(model, cfg)
     gates = [m.lora_logalpha for m in salora.layers(model).values()]
@@ -204,9 +271,55 @@ def test_gates_and_lambda_frozen_outside_window():
     assert [b > a for a, b in zip(lams, lams[1:])] == moved
 
 
+@SETTINGS
+@given(shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=5),
+       rmax=st.integers(1, 6), b=st.floats(0.05, 1.0), seed=st.integers(0, 2**31))
+def test_harden_leaves_every_gate_0_or_1_and_the_most_open_ranks_within_the_budget(shapes, rmax, b, seed):
+    model = nn.Sequential(*(nn.Linear(i, o) for i, o in shapes))
+    salora.apply(model, salora.Config(rmax=rmax, target_density=b, targets=tuple(map(str, range(len(shapes))))))
+    mods = list(salora.layers(model).values())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mods:
+            m.lora_logalpha.copy_(3 * torch.randn(rmax, generator=g))
+    before = torch.cat([m.lora_logalpha.detach().clone() for m in mods])
+    sizes = torch.tensor([float(m.in_features + m.out_features) for m in mods for _ in range(rmax)])
+    salora.harden(model)
+    gates = torch.cat([salora.eval_gates(m.lora_logalpha) for m in mods])
+    assert set(gates.tolist()) <= {0.0, 1.0}
+    kept = gates == 1
+    assert sizes[kept].sum() <= b * sizes.sum()  # the budget holds exactly, not in expectation
+    likely = salora.expected_l0(before, salora.config(model).temperature) >= 0.5
+    assert not (kept & ~likely).any()  # no rank more likely closed than open is opened
+    if kept.any() and (~kept).any():
+        assert before[kept].min() >= before[~kept].max() or not likely[~kept].any()
+    left = likely & ~kept  # a likely-open rank is closed only where the budget has no room for it
+    if left.any():
+        top = before.masked_fill(~left, -math.inf).argmax()
+        assert sizes[kept].sum() + sizes[top] > b * sizes.sum()
+    assert sum(salora.ranks(model).values()) == int(kept.sum())
+
+
+@settings(max_examples=6, deadline=None)
+@given(total=st.integers(10, 30), b=st.floats(0.2, 1.0), seed=st.integers(0, 2**16))
+def test_a_run_ends_with_every_gate_0_or_1_and_within_its_budget(total, b, seed):
+    """train.train_step over a whole run at the defaults' fractions: from the window's end on the gates
+    are 0 or 1, and the live parameters (to_lora's) are at most target_density of the adapter's."""
+    torch.manual_seed(seed)
+    model = salora.apply(tiny_llama(), salora.Config(rmax=4, target_density=b))
+    history = train(model, total)
+    _, t_end = salora.window(salora.config(model), total)
+    gates = torch.cat([salora.eval_gates(m.lora_logalpha) for m in salora.layers(model).values()])
+    assert set(gates.tolist()) <= {0.0, 1.0}
+    live = sum(a.numel() + b_.numel() for a, b_ in salora.to_lora(model).values())
+    full = sum(m.lora_A.numel() + m.lora_B.numel() for m in salora.layers(model).values())
+    assert live <= b * full
+    assert all(f["gate_lr"] == 0.0 for f in history[t_end:])  # the gates are frozen after the window
+
+
 def test_default_window_from_total_steps():
     assert salora.window(salora.Config(), 1000) == (100, 700)
-    assert salora.window(salora.Config(t_start=5, t_end=50), 1000) == (5, 50)
+    assert salora.window(salora.Config(t_start=0.005, t_end=0.05), 1000) == (5, 50)
 
 
 # --- the contract -----------------------------------------------------------------------------------
@@ -245,11 +358,12 @@ def test_ranks_count_open_eval_gates():
     assert all(r == 4 for n, r in salora.ranks(model).items() if n != first)
 
 
-def test_param_groups_give_gates_own_lr_and_no_decay():
-    model = salora.apply(tiny_llama(), salora.Config(gate_lr=0.05))
+def test_param_groups_give_gates_own_group_without_decay():
+    """log α's group starts at the model's lr: after_step rescales its step to gate_lr_t."""
+    model = salora.apply(tiny_llama(), salora.Config(gate_lr_total=7.0))
     factors, gates = salora.param_groups(model, 1e-3, 0.1)
     assert factors["lr"] == 1e-3 and factors["weight_decay"] == 0.1
-    assert gates["lr"] == 0.05 and gates["weight_decay"] == 0.0
+    assert gates["lr"] == 1e-3 and gates["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("lora_logalpha") for p in gates["params"])
     assert len(factors["params"]) + len(gates["params"]) == sum(p.requires_grad for p in model.parameters())
@@ -272,9 +386,10 @@ def test_save_load_gives_identical_logits(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(rmax=0), dict(target_density=0.0), dict(target_density=1.5),
-                                 dict(beta=-1.0), dict(temperature=0.0), dict(t_start=-1),
-                                 dict(t_start=10, t_end=10), dict(t_end=0), dict(lagrangian_lr=-0.1),
-                                 dict(gate_lr=0.0), dict(droprate_init=0.0), dict(droprate_init=1.0),
+                                 dict(beta=-1.0), dict(temperature=0.0), dict(t_start=-0.1),
+                                 dict(t_start=0.5, t_end=0.5), dict(t_end=0.0), dict(t_end=1.5),
+                                 dict(lagrangian_lr_total=-0.1), dict(gate_lr_total=0.0),
+                                 dict(droprate_init=0.0), dict(droprate_init=1.0),
                                  dict(dropout=1.0)])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):

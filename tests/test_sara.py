@@ -1,5 +1,6 @@
 """SARA: Algorithm 1's k, the U diag(lam) V adapter, its inits, merge and to_lora."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -134,12 +135,23 @@ def test_delta_w_is_zero_at_init(tiny_model, init):
     assert torch.equal(tiny_model(x), base)
 
 
-def test_paper_init_moves_the_output():
-    model = tiny_llama()
-    x = torch.randint(0, 97, (2, 12))
-    base = model(x)
-    sara.apply(model, sara.Config(threshold=0.3, init="paper"))
-    assert not torch.allclose(model(x), base)
+@FAST
+@given(out=dims, inp=dims, seed=st.integers(0, 10**6), t=thresholds)
+def test_paper_init_starts_with_delta_w_nonzero_at_the_spectrum_rules_rank(out, inp, seed, t):
+    """init="paper": U, V Kaiming-uniform and lam U(-1, 1), all random, so ΔW != 0 at step 0 (the
+    contract's ΔW = 0 holds only for the inits that zero a factor); k is Algorithm 1's, as for v0."""
+    w = matrix(out, inp, seed)
+    torch.manual_seed(seed)
+    model = sara.apply(One(w), sara.Config(threshold=t, init="paper", targets=("proj",)))
+    layer, k = model.proj, sara.rank_for(w, t)
+    assert sara.ranks(model) == {"proj": k} == sara.ranks(sara.apply(One(w), sara.Config(threshold=t,
+                                                                                          targets=("proj",))))
+    assert layer.lora_U.abs().max() <= 1 / math.sqrt(k) and layer.lora_V.abs().max() <= 1 / math.sqrt(inp)
+    assert layer.lora_lam.abs().max() <= 1
+    assert layer.delta_weight().abs().max() > 0
+    x = torch.randn(3, inp, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ (w + layer.delta_weight()).T + layer.bias)
 
 
 def test_ranks_and_trainable_count_follow_algorithm_1(tiny_model):

@@ -139,56 +139,148 @@ def test_delta_w_is_zero_at_init(tiny_model, gate_init):
 
 
 def test_param_groups_put_the_gates_alone_without_weight_decay():
+    """The gates' group starts at the model's lr: the library regime rescales their step in after_step."""
     model = sora.apply(tiny_llama(), sora.Config())
     groups = sora.param_groups(model, 1e-3, 0.1)
     gates = {id(m.lora_gate) for m in sora.layers(model).values()}
     assert [{id(p) for p in g["params"]} == gates for g in groups] == [False, True]
     assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.1
+    assert groups[0]["lr"] == groups[1]["lr"] == 1e-3
     listed = [id(p) for g in groups for p in g["params"]]
     assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def step_once(model, opt, step, total):
+    """The hooks around one optimizer step, gradients as they stand."""
+    sora.after_backward(model, step, total)
+    opt.step()
+    return sora.after_step(model, opt, step, total)
+
+
 @settings(max_examples=10, deadline=None)
-@given(st.floats(1e-4, 1e-1), st.floats(0.1, 50), st.integers(0, 2**16))
-def test_first_step_shrinks_gates_by_exactly_lr_lam_and_zero_gates_stay_zero(lr, lam, seed):
-    """At init B = 0, so every gate's gradient is exactly zero: Adam moves nothing, only the prox acts."""
+@given(st.floats(1e-4, 1e-1), st.floats(0.01, 20), st.floats(0.1, 50), st.integers(2, 50), st.integers(0, 2**16))
+def test_first_step_shrinks_gates_by_exactly_gate_lr_lam_and_zero_gates_stay_zero(lr, gate_lr_total, lam, total,
+                                                                                    seed):
+    """At init B = 0, so every gate's gradient is exactly zero: Adam moves nothing, only the prox acts,
+    with xi = gate_lr_total / total_steps * lam whatever the model's lr (no scheduler: a constant lr)."""
     torch.manual_seed(seed)
-    model = sora.apply(tiny_llama(), sora.Config(lam=lam))
+    model = sora.apply(tiny_llama(), sora.Config(lam=lam, gate_lr_total=gate_lr_total))
     ls = list(sora.layers(model).values())
     with torch.no_grad():
         ls[0].lora_gate[:3] = 0.0
     before = torch.cat([m.lora_gate.detach().clone() for m in ls])
-    groups = sora.param_groups(model, 1.0, 0.1)
-    groups[1]["lr"] = lr  # the gate group's own lr is the one that counts
-    opt = torch.optim.AdamW(groups)
+    opt = torch.optim.AdamW(sora.param_groups(model, lr, 0.1))
     x = torch.randint(0, 97, (2, 8))
     model.train().loss(x, x).backward()
     assert all(torch.equal(m.lora_gate.grad, torch.zeros(16)) for m in ls)
-    opt.step()
-    figures = sora.after_step(model, opt, 1, 10)
+    figures = step_once(model, opt, 1, total)
     after = torch.cat([m.lora_gate.detach() for m in ls])
-    assert torch.equal(after, sora.soft_threshold(before, lr * lam))
+    assert figures["gate_lr"] == pytest.approx(gate_lr_total / total, rel=1e-12)
+    assert torch.equal(after, sora.soft_threshold(before, figures["gate_lr"] * lam))
     assert torch.all(after[:3] == 0)
-    assert figures == {"live_rank": int(after.count_nonzero()), "lam": lam}
+    assert figures["live_rank"] == int(after.count_nonzero()) and figures["lam"] == lam
 
 
 def test_threshold_uses_the_lr_of_the_step_just_taken():
-    """The scheduler steps after after_step, so xi = lr * lam with the lr the step used, read as it stands."""
+    """The scheduler steps after after_step, so xi = gate_lr_t * lam with the schedule's factor of the
+    step just taken, read from the group as it stands."""
     model = nn.Module()
-    model.layer = sora.SoRALinear(nn.Linear(3, 3), sora.Config(rmax=4, lam=2.0))
+    model.layer = sora.SoRALinear(nn.Linear(3, 3), sora.Config(rmax=4, lam=2.0, gate_lr_total=0.4))
     gate = model.layer.lora_gate
     with torch.no_grad():
         gate.fill_(1.0)
     opt = torch.optim.AdamW([{"params": [gate], "lr": 0.1, "weight_decay": 0.0}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [1.0, 0.5, 0.0][s])  # 0.1, then 0.05, then 0
-    for step, want in ((1, 1 - 0.1 * 2), (2, 1 - 0.1 * 2 - 0.05 * 2)):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [1.0, 0.5, 0.0][s])  # factor 1, then 0.5, then 0
+    for step, want in ((1, 1 - 0.2 * 2), (2, 1 - 0.2 * 2 - 0.1 * 2)):  # gate_lr_t = 0.4 / 2 * factor
         gate.grad = torch.zeros(4)  # Adam moves nothing: only the prox does
-        opt.step()
-        sora.after_step(model, opt, step, 2)
+        step_once(model, opt, step, 2)
         sched.step()
         torch.testing.assert_close(gate.detach(), torch.full((4,), want))
     assert "prox_lr" not in opt.param_groups[0]  # nothing stashed in the optimizer
+
+
+def gate_travel(cfg, total, schedule):
+    """How far the hooks around AdamW carry a gate over `total` steps under the constant gradient +1
+    (Adam moves a parameter by its lr a step then), lam = 0: the sum of the gate lrs."""
+    model = nn.Module()
+    model.layer = sora.SoRALinear(nn.Linear(3, 3), cfg)
+    gate = model.layer.lora_gate
+    start = gate.detach().clone()
+    opt = torch.optim.AdamW(sora.param_groups(model, 1e-3, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    lrs = []
+    for step in range(1, total + 1):
+        gate.grad = torch.ones(cfg.rmax)
+        model.layer.lora_A.grad = model.layer.lora_B.grad = None
+        lrs.append(step_once(model, opt, step, total)["gate_lr"])
+        sched.step()
+    return (start - gate.detach()).mean().item(), lrs
+
+
+@settings(max_examples=10, deadline=None)
+@given(total=st.integers(2, 40), gate_lr_total=st.floats(0.1, 5), warmup=st.floats(0, 0.3))
+def test_a_gates_travel_over_the_run_does_not_depend_on_its_length(total, gate_lr_total, warmup):
+    """Under a constant gradient a gate travels Σ gate_lr_t = gate_lr_total * mean(schedule): at a
+    constant schedule gate_lr_total itself, at T steps as at 4T; on a warmup + cosine schedule the
+    sum of the step lrs, each gate_lr_total / T times the schedule's factor."""
+    cfg = sora.Config(rmax=3, lam=0.0, gate_lr_total=gate_lr_total)
+    short, _ = gate_travel(cfg, total, lambda s: 1.0)
+    long, _ = gate_travel(cfg, 4 * total, lambda s: 1.0)
+    assert short == pytest.approx(gate_lr_total, rel=2e-3) and long == pytest.approx(gate_lr_total, rel=2e-3)
+
+    def cosine(T):
+        w = max(1, int(warmup * T))
+        return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, T - w)))
+    travel, lrs = gate_travel(cfg, total, cosine(total))
+    assert lrs == pytest.approx([gate_lr_total / total * cosine(total)(s) for s in range(total)])
+    assert travel == pytest.approx(sum(lrs), rel=2e-3)
+
+
+def test_the_library_regime_needs_after_backward_before_the_step():
+    model = sora.apply(tiny_llama(), sora.Config())
+    opt = torch.optim.AdamW(sora.param_groups(model, 1e-3, 0.0))
+    with pytest.raises(ValueError, match="call after_backward"):
+        sora.after_step(model, opt, 1, 10)
+
+
+# --- the reference regime ----------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0, 50), st.integers(0, 2**16))
+def test_the_reference_regimes_l1_term_is_l1_times_the_mean_abs_gate(l1, seed):
+    """extra_loss = l1 * mean|g| over every gate of the model; its gradient l1 * sign(g) / (number of
+    gates); zero in the library regime."""
+    torch.manual_seed(seed)
+    model = sora.apply(tiny_llama(), sora.Config(regime="reference", l1=l1))
+    gates = [m.lora_gate for m in sora.layers(model).values()]
+    with torch.no_grad():
+        gates[0][:2] = 0.0
+    flat = torch.cat([g.detach() for g in gates])
+    loss = sora.extra_loss(model)
+    torch.testing.assert_close(loss, l1 * flat.abs().mean())
+    loss.backward()
+    for g in gates:
+        torch.testing.assert_close(g.grad, l1 * torch.sign(g.detach()) / flat.numel())
+    assert sora.extra_loss(sora.apply(tiny_llama(), sora.Config())).item() == 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(1e-5, 1e-1), st.floats(0, 0.5), st.integers(0, 2**16))
+def test_the_reference_regime_shrinks_by_a_constant_xi_at_any_lr(lr, xi, seed):
+    """No gradient: Adam moves nothing, and the prox subtracts xi itself, not scaled by any lr."""
+    torch.manual_seed(seed)
+    model = sora.apply(tiny_llama(), sora.Config(regime="reference", xi=xi))
+    ls = list(sora.layers(model).values())
+    before = torch.cat([m.lora_gate.detach().clone() for m in ls])
+    opt = torch.optim.AdamW(sora.param_groups(model, lr, 0.0))
+    assert [g["lr"] for g in opt.param_groups] == [lr, lr]  # the gates at the model's lr
+    for m in ls:
+        m.lora_gate.grad = torch.zeros_like(m.lora_gate)
+    figures = step_once(model, opt, 1, 10)
+    after = torch.cat([m.lora_gate.detach() for m in ls])
+    assert torch.equal(after, sora.soft_threshold(before, xi))
+    assert figures == {"live_rank": int(after.count_nonzero()), "xi": xi}
 
 
 def test_lam_schedule_rises_in_stages_from_lam_to_lam_max():
@@ -278,7 +370,8 @@ def test_save_load_adapter_gives_identical_logits(trained, tmp_path):
 @pytest.mark.parametrize("bad", [dict(rmax=0), dict(rmax=-3), dict(dropout=1.0), dict(dropout=-0.1),
                                  dict(lam=-1.0), dict(lam=1.0, lam_max=0.5), dict(lam_stages=1),
                                  dict(gate_init="zeros"), dict(alpha=0.0), dict(lam=math.nan),
-                                 dict(lam_max=math.inf)])
+                                 dict(lam_max=math.inf), dict(regime="paper"), dict(gate_lr_total=0.0),
+                                 dict(regime="reference", lam_max=1.0), dict(xi=-1e-3), dict(l1=math.inf)])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
         sora.Config(**bad)

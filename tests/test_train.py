@@ -1,14 +1,18 @@
 """train.py and eval.py end to end on a tiny checkpoint, for every method; the CLI's errors."""
 import json
+import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import adapters
 import eval as evaluate
 import methods
 import models
 import train
+import training
 from helpers import FAST, run
 
 SHORT = ["--steps", "24", *FAST]
@@ -102,18 +106,60 @@ def test_the_run_ends_with_its_validation_loss_and_the_commands_to_use_it(tmp_pa
 
 
 def test_the_log_gives_the_lr_each_step_used_and_sora_shrinks_by_it(tmp_path, tiny_checkpoint, monkeypatch):
-    """The scheduler steps after after_step: step 1 runs at lr / warmup, and SoRA's prox uses that
-    step's lr of the gates' own group (gate_lr, on the same schedule)."""
-    sora, seen = methods.get("sora"), []
-    real = sora.after_step
-
-    def spy(model, opt, step, total, **kw):
-        seen.append(opt.param_groups[1]["lr"])  # the gates' group, as after_step reads it
-        return real(model, opt, step, total, **kw)
-    monkeypatch.setattr(sora, "after_step", spy)
+    """The scheduler steps after after_step: step 1 runs at lr / warmup, and SoRA's gates move at that
+    step's gate_lr_total / total_steps times the schedule's factor (lr / peak lr)."""
     out = tmp_path / "run"
     train.main(["--method", "sora", "--model", str(tiny_checkpoint), "--out", str(out), "--steps", "6", "--warmup", "4",
-                "--lr", "0.01", "--gate-lr", "0.02", "--batch-size", "2", "--seq-len", "512", "--log-every", "1",
+                "--lr", "0.01", "--gate-lr-total", "0.12", "--batch-size", "2", "--seq-len", "512", "--log-every", "1",
                 "--val-size", "2"])
-    logged = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert logged[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and [2 * lr for lr in logged] == pytest.approx(seen)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in log]
+    assert logged[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert [0.12 / 6 * lr / 0.01 for lr in logged] == pytest.approx([r["gate_lr"] for r in log])
+
+
+# ----------------------------------------------------------------------------- a method's training defaults
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_a_methods_training_settings_apply_where_the_command_line_gives_none(name):
+    """TRAINING (in the method file, e.g. Mo-SARA's lr) names train.py settings whose default is
+    worked out per run: with no flag given all of them apply, and --lr defaults to 1e-3 where no
+    method sets it."""
+    method = methods.get(name)
+    trained = training.method_training(method)
+    assert trained == getattr(method, "TRAINING", {})
+    args = train.parse_args(["--method", name])[0]
+    assert all(getattr(args, k) == v for k, v in trained.items())
+    assert args.lr == trained.get("lr", training.LR)
+
+
+def test_a_training_setting_without_a_per_run_default_is_refused():
+    fake = types.SimpleNamespace(NAME="fake", TRAINING={"steps": 10})
+    with pytest.raises(ValueError, match="fake's TRAINING names steps"):
+        training.method_training(fake)
+
+
+@settings(max_examples=20, deadline=None)
+@given(lr=st.floats(1e-6, 1.0))
+def test_a_users_lr_wins_over_the_methods(lr):
+    args, method, cfg, plain = train.parse_args(["--method", "mosara", "--lr", repr(lr)])
+    assert args.lr == lr
+    assert (f"--lr {lr:g}" in training.recipe(args, cfg, plain)) == (lr != methods.get("mosara").TRAINING["lr"])
+
+
+def test_mosara_trains_at_its_own_lr_says_so_and_records_it(tmp_path, tiny_checkpoint, capsys):
+    common = ["--method", "mosara", "--model", str(tiny_checkpoint), *FAST, "--steps", "2"]
+    train.main([*common, "--out", str(tmp_path / "default")])
+    said = capsys.readouterr().out.splitlines()
+    assert "mosara: lr 0.03 (the method's default; --lr to override)" in said
+    meta = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert meta["train_args"]["lr"] == 0.03 and meta["method_defaults"] == {"lr": 0.03}
+    assert "--lr" not in meta["recipe"]  # the method's default is no departure from the defaults
+    log = [json.loads(line) for line in (tmp_path / "default" / "log.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in log) == pytest.approx(0.03)
+
+    train.main([*common, "--lr", "0.01", "--out", str(tmp_path / "mine")])
+    assert not any("the method's default" in line for line in capsys.readouterr().out.splitlines())
+    meta = json.loads((tmp_path / "mine" / "config.json").read_text())
+    assert meta["train_args"]["lr"] == 0.01 and meta["method_defaults"] == {}
+    assert "--lr 0.01" in meta["recipe"]
