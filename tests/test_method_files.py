@@ -23,8 +23,8 @@ SHARED = ("HF_TARGETS", "dropout", "is_conv1d", "Layer.merge", "Layer.unmerge", 
 # the statements that open (or close) a block whose rest is each method's own: (block, first n, last n)
 SHARED_PARTS = (("Layer.__init__", 6, 2), ("Layer.forward", 2, 0), ("apply", 1, 0))
 # the files whose block is their own by design: a hook the method needs, a merge it checks first
-OWN = {"param_groups": {"sora", "adalora", "salora"}, "extra_loss": {"adalora", "salora"},
-       "after_backward": {"adalora", "salora"}, "after_step": {"sora", "adalora", "alora", "salora"},
+OWN = {"param_groups": {"sora", "adalora", "salora"}, "extra_loss": {"sora", "adalora", "salora"},
+       "after_backward": {"sora", "adalora", "salora"}, "after_step": {"sora", "adalora", "alora", "salora"},
        "merge": {"mosara", "sora", "adalora", "salora"}, "can_merge": {"mosara"}}
 
 
