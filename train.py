@@ -173,13 +173,14 @@ def load_data(args, tok):
 
 
 def val_closure(model, val_batch):
-    @torch.no_grad()
-    def val_loss():
+    def val_loss(grad=False):
+        """The loss on val_batch in eval mode: a float, or (grad=True) a tensor to backward from."""
         was_training = model.training
         model.eval()
-        loss = model.loss(*val_batch).item()
+        with torch.set_grad_enabled(grad):
+            loss = model.loss(*val_batch)
         model.train(was_training)
-        return loss
+        return loss if grad else loss.item()
     return val_loss
 
 
