@@ -44,10 +44,12 @@ Where this file departs from the paper, and why:
   short of scoring everything). Footnote 3's module means, which only order the modules that
   receive, use the estimates: exact means would need every rank of the leading modules scored,
   2 · r forwards each.
-- Cost, in val_loss forwards over the validation batch (V examples; a forward costs ∝ V): "exact"
-  1 + 2 R per round (R live ranks: 480 on the default model, 961 forwards); "candidates" 2 forward
-  + backward passes (each ≈ 3 forwards) + 2 C, C ≥ 2 · prune_per_round the ranks scored exactly:
-  ≈ 6 + 2 C, C = 4 at the defaults unless the estimates widen it. Measured figures: docs/bench.md.
+- Cost of a round, in forwards F of the validation batch (F grows with its V examples), R live
+  ranks, C ranks scored exactly, G a gate-gradient pass (forward keeping activations + backward to
+  the gates, a few F): "exact" (1 + 2 R) F, 961 F on the default model (480 ranks); "candidates"
+  2 G + 2 C F, C ≥ 2 · prune_per_round (4 at the defaults). Starting at 2 · prune_per_round gives
+  the error estimate more than the ranks to be pruned to learn from; each rank the widening adds
+  costs 2 F. Measured units, run ratios and what the paper's own schedule would cost: docs/bench.md.
   The ablations cannot be batched into fewer calls: val_loss returns one number for the whole
   batch, and on a CPU a forward over k copies of the batch costs about k forwards anyway.
 - Zeroing a new rank's AdamW moments leaves the tensor's shared step count as it is, so Adam's
@@ -341,11 +343,12 @@ def gate_grads(mods, val_loss, gates):
             m.lora_gate = leaves[name]  # the buffer, for this one forward and backward
         with torch.enable_grad():
             loss = val_loss(grad=True)
-            grads = torch.autograd.grad(loss, list(leaves.values()))
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)  # a layer the loss skips
     finally:
         for name, m in mods.items():
             m.lora_gate = saved[name]
-    return loss.item(), {name: g.detach() for name, g in zip(leaves, grads)}
+    return loss.item(), {name: torch.zeros_like(gates[name]) if g is None else g.detach()
+                         for name, g in zip(leaves, grads)}
 
 
 def estimates(mods, val_loss):
@@ -355,7 +358,9 @@ def estimates(mods, val_loss):
     live = {name: m.lora_gate.detach().clone() for name, m in mods.items()}
     base, g_m = gate_grads(mods, val_loss, live)
     empty, g_0 = gate_grads(mods, val_loss, {name: torch.zeros_like(g) for name, g in live.items()})
-    return base, {(name, j): -float(g_m[name][j]) - empty - float(g_0[name][j]) for name, j in live_slots(mods)}
+    est = {(name, j): -float(g_m[name][j]) - empty - float(g_0[name][j]) for name, j in live_slots(mods)}
+    # an overflow (fp16) is scored first: its error, infinite, then widens the round to every rank
+    return base, {k: v if math.isfinite(v) else -math.inf for k, v in est.items()}
 
 
 def certified_lowest(mods, val_loss, n_prune):
