@@ -263,6 +263,32 @@ def test_round_calls_val_loss_as_the_cost_model_says(seed, n_prune, r, scoring):
         assert min(2 * n_prune, live) <= scored <= live
 
 
+class Overflow(torch.autograd.Function):
+    """The identity whose backward overflows, as an fp16 backward can."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
+
+
+def test_a_round_whose_gradients_overflow_scores_every_rank_exactly():
+    model = trained(tiny_llama, 0, r=2, rmax=3, targets=("q", "v"))
+    twin, live = copy.deepcopy(model), sum(alora.ranks(model).values())
+    x, y = batch(model, 1)
+    val_loss = closure(model, x, y)
+    before = {n: m.lora_gate.clone() for n, m in alora.layers(model).items()}
+    _, _, _, scored = alora.allocation_round(model, torch.optim.AdamW(alora.param_groups(model, 1e-3, 0.0)),
+                                             lambda grad=False: Overflow.apply(val_loss(grad)) if grad else val_loss(),
+                                             2, "candidates")
+    alora.allocation_round(twin, torch.optim.AdamW(alora.param_groups(twin, 1e-3, 0.0)), closure(twin, x, y), 2,
+                           "exact")
+    assert scored == live and switched_off(before, model) == switched_off(before, twin)
+
+
 @SETTINGS
 @given(seed=st.integers(0, 1000), n_prune=st.integers(1, 5), r=st.integers(1, 3), extra=st.integers(0, 2))
 def test_exact_round_prunes_the_lowest_eq6_scores_and_grows_by_module_mean(seed, n_prune, r, extra):
