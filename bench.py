@@ -4,6 +4,7 @@
     python bench.py --quick                  # batch 4 x seq 64, 2 repeats (SVDs: 1), a 1024^2 SVD matrix
     python bench.py --size 1b --json out/bench-1b.json
     python bench.py --model DIR              # any checkpoint models.load reads
+    python bench.py --quick --alora-run      # also a default ALoRA run against LoRA r=8's: two runs' time
 
 Prints a table and, with --json, writes every figure. Each time is the median over repeats that
 visit the variants round-robin (each repeat starting one variant later), so a machine that slows
@@ -12,22 +13,21 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
 - Training step, per method at its default Config: training.train_step itself (forward, task loss +
   extra_loss, backward, after_backward, gradient clipping, AdamW, after_step, the lr scheduler) on random
   tokens, every position a target. The step is number 60 of 150: AdaLoRA is scoring and masking,
-  SaLoRA's gates and multiplier train, and ALoRA's after_step holds no scoring round (a round costs
-  1 + 2 x (live ranks) validation forwards, at steps 15 to 36 of 150 with the defaults; it is not
-  timed here). The reference is the frozen base: the same forward and backward with no adapter,
-  every weight frozen and the input embeddings requiring grad, so the backward runs through every
-  layer as an adapter's does. peft's LoRA on transformers' LlamaForCausalLM, built on the same
+  SaLoRA's gates and multiplier train, and ALoRA's after_step holds no scoring round (its rounds, at
+  steps 15 to 36 of 150 with the defaults, are timed apart, below). The reference is the frozen
+  base: the same forward and backward with no adapter, every weight frozen and the input embeddings
+  requiring grad, so the backward runs through every layer as an adapter's does. peft's LoRA on transformers' LlamaForCausalLM, built on the same
   weights, runs through the same train_step where both packages are installed.
 - Peak memory of a step (the first, untimed one): the tensors the variant keeps (parameters,
   buffers, optimizer state) plus the most bytes of torch tensors alive at once during the step,
   counted from the profiler's allocation events on a CPU (tracemalloc does not see torch, and the
   RSS high-water mark mixes variants and allocator caching), torch.cuda.max_memory_allocated on a GPU.
-- ALoRA's scoring round against the k2 training steps that follow it (the defaults of a 150-step
-  run: k2 = 3), on a validation batch of train.py's default --val-size (16) random sequences. A
-  round at the defaults scores every live rank with 1 + 2 x (live ranks) validation forwards (961 at
-  the start) and takes minutes on a CPU, so the round timed is one that scores a single rank per
-  module (score_frac near 0: 1 + 2 x modules forwards); its seconds per forward, times the default
-  round's forward count, is the default round's cost.
+- ALoRA's rounds: a validation forward and a gate-gradient pass (forward and backward to the
+  gates) over a validation batch of train.py's default --val-size (16) random sequences, timed
+  beside the step; by the cost model (alora.py) they price a default round: "exact" 1 + 2 x (live
+  ranks) forwards, "candidates" 2 gradient passes + 2 x (ranks scored exactly) forwards, at least
+  2 x prune_per_round of them. --alora-run also times a whole default run: ALoRA's against LoRA
+  r=8's, train.py's own data, batch, validation set and --steps, the two runs' steps interleaved.
 - Merged inference: the logits of a LoRA merged into the base weights against the base model's.
 - The machine's limit: fp32 GEMM throughput of an n x n matmul, and the step's FLOPs counted, not
   measured (matmuls only; N = the sum of in x out over every linear layer, the LM head included):
@@ -93,7 +93,7 @@ TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
     "ours_over_peft_memory": (1.00, "our LoRA peak memory / peft's"),
     "merged_forward_over_base_forward": (1.02, "merged LoRA forward / base forward"),
     "sora_step_over_adalora_step": (0.80, "SoRA step / AdaLoRA step"),
-    "alora_round_over_k2_steps": (1.00, "ALoRA round / the k2 steps between"),
+    "alora_run_over_lora_run": (1.42, "ALoRA default run / LoRA r=8's"),
     **{f"{n}_low_over_fp32_step": (0.55, f"{n} step, --dtype / fp32") for n in methods.NAMES},
     **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in methods.NAMES},
     "ours_over_peft_low_step": (1.00, "our LoRA step / peft's, both --dtype"),
@@ -363,29 +363,63 @@ def bench_steps(base, batch, repeats, device, hf=None):
 
 
 def bench_alora_round(base, batch, val_batch, repeats, device):
-    """ALoRA's default scoring round, from a timed round that scores one rank per module, against
-    the k2 training steps it sits between (timed beside it)."""
+    """The units of ALoRA's rounds against the training step, timed interleaved: one validation
+    forward and one gate-gradient pass (forward and backward to the gates) over val_batch; with them
+    a default round's cost in each scoring mode, by the cost model (alora.py's docstring)."""
     alora = methods.get("alora")
     v = method_variant(base, "alora", batch)
     val_loss = training.val_closure(v.model, val_batch)
-    calls = []
-
-    def counted():
-        calls.append(1)
-        return val_loss()
-
-    def small_round():
-        calls.clear()
-        alora.importance(v.model, counted, frac=1e-9)
+    mods = alora.layers(v.model)
+    live = {n: m.lora_gate.clone() for n, m in mods.items()}
     v.step()  # warm-up
-    times = {n: statistics.median(t) for n, t in interleaved({"step": v.step, "round": small_round}, repeats,
-                                                             device).items()}
-    k2 = alora.schedule(alora.Config(), TOTAL_STEPS)[1]
-    forwards = 1 + 2 * sum(alora.ranks(v.model).values())  # the default round: every live rank scored
-    round_s = times["round"] / len(calls) * forwards
-    return {"k2": k2, "val_size": val_batch[0].shape[0], "step_s": times["step"],
-            "small_round_s": times["round"], "small_round_forwards": len(calls), "round_forwards": forwards,
-            "round_s": round_s, "k2_steps_s": k2 * times["step"]}
+    fns = {"step": v.step, "forward": val_loss, "gradient": lambda: alora.gate_grads(mods, val_loss, live)}
+    t = {n: statistics.median(times) for n, times in interleaved(fns, repeats, device).items()}
+    cfg = alora.Config()
+    k2, rounds = alora.schedule(cfg, TOTAL_STEPS)[1:]
+    ranks, least = sum(alora.ranks(v.model).values()), 2 * len(cfg.targets)  # least: the fewest scored exactly
+    out = {"k2": k2, "rounds": rounds, "val_size": val_batch[0].shape[0], "live_ranks": ranks, "least_scored": least,
+           "step_s": t["step"], "forward_s": t["forward"], "gradient_s": t["gradient"],
+           "exact_round_s": (1 + 2 * ranks) * t["forward"],
+           "candidates_round_s": 2 * t["gradient"] + 2 * least * t["forward"]}
+    # a default run: TOTAL_STEPS steps and `rounds` rounds that score no more than the least
+    out["candidates_run_over_steps"] = 1 + rounds * out["candidates_round_s"] / (TOTAL_STEPS * t["step"])
+    return out
+
+
+def bench_alora_run(args):
+    """ALoRA's default run against LoRA r=8's: train.py's defaults (its data, batch, validation set,
+    schedule and --steps), every step through training.train_step, the two runs' steps interleaved in
+    this process (LoRA's first on odd steps, ALoRA's on even) so load that comes and goes hits both.
+    Seconds of train_step alone: train.py's progress lines cost both runs the same."""
+    targs = training.default_run(methods.get("alora"))
+    base, tok = models.load(args.model, models.pick_dtype(args.dtype, args.device)[0])
+    base = base.to(args.device)
+    train_set, val_batch = training.load_data(targs, tok)
+    val_batch = tuple(t.to(args.device) for t in val_batch)
+    runs = {}
+    for name in ("lora", "alora"):
+        method = methods.get(name)
+        torch.manual_seed(targs.seed)
+        model = method.apply(share_base(base), method.Config()).train()
+        opt = torch.optim.AdamW(method.param_groups(model, targs.lr, targs.weight_decay), lr=targs.lr)
+        runs[name] = (method, model, opt, torch.optim.lr_scheduler.LambdaLR(
+                          opt, training.lr_lambda(targs.warmup, targs.steps, targs.schedule)),
+                      training.val_closure(model, val_batch))
+    out = {"steps": targs.steps, "lora_s": 0.0, "alora_s": 0.0, "rounds": []}
+    for step in range(1, targs.steps + 1):
+        batches = training.step_batches(train_set, targs, step, 0, 1, args.device)
+        for name in (("lora", "alora") if step % 2 else ("alora", "lora")):
+            method, model, opt, sched, val_loss = runs[name]
+            figures = {}
+
+            def one():
+                figures.update(training.train_step(model, method, opt, sched, batches, step, targs.steps,
+                                                   clip=targs.clip, val_loss=val_loss)[1])
+            took = seconds(one, args.device)
+            out[name + "_s"] += took
+            if figures:
+                out["rounds"].append({"step": step, "seconds": took, "scored": figures["scored"]})
+    return out
 
 
 def bench_forward(base, idx, repeats, device):
@@ -552,6 +586,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="bf16",
                    help="the low-precision base compared with float32 (fp32: no comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--alora-run", action="store_true", help="also time a default ALoRA run (train.py's data and "
+                   "steps) against LoRA r=8's, in --dtype (fp32: float32): a model with a tokenizer, ~2 runs' time")
     p.add_argument("--json", default=None, help="also write every figure to this file (default: no file)")
     args = p.parse_args(argv)
     quick = {"batch_size": 4, "seq_len": 64, "repeats": 2, "svd_size": 1024}
@@ -560,6 +596,9 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, default)
     cli.positive(args, *quick, "threads")
+    if args.alora_run and args.size:
+        raise ValueError("--alora-run trains on train.py's data, so it needs a model with a tokenizer: the default "
+                         "or --model, not --size")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
@@ -622,7 +661,10 @@ def main(argv=None):
     print("ALoRA's scoring round", file=sys.stderr, flush=True)
     res["alora_round"] = bench_alora_round(base, batch, random_batch(base.cfg, 16, args.seq_len, args.device),
                                            args.repeats, args.device)
-    res["alora_round_over_k2_steps"] = res["alora_round"]["round_s"] / res["alora_round"]["k2_steps_s"]
+    if args.alora_run:
+        print("ALoRA's default run and LoRA's, interleaved", file=sys.stderr, flush=True)
+        res["alora_run"] = bench_alora_run(args)
+        res["alora_run_over_lora_run"] = res["alora_run"]["alora_s"] / res["alora_run"]["lora_s"]
     fwd = bench_forward(base, batch[0], max(5, args.repeats), args.device)  # a forward is cheap: more repeats
     res["forward_s"] = fwd
     res["merged_forward_over_base_forward"] = fwd["merged"] / fwd["base"]
@@ -681,11 +723,18 @@ def report(res):
     lines.append(f"peft: {s['peft']}" + (f" (max |logit difference| from ours {res['hf_max_abs_logit_diff']:.1e})"
                                           if "hf_max_abs_logit_diff" in res else ""))
     fwd, g, a = res["forward_s"], res["gemm"], res["alora_round"]
+    if "alora_run" in res:
+        run = res["alora_run"]
+        lines += ["", f"ALoRA default run {run['alora_s']:.1f} s, LoRA r=8 {run['lora_s']:.1f} s ({run['steps']} steps "
+                  f"each, interleaved); rounds at steps {', '.join(str(r['step']) for r in run['rounds'])} scored "
+                  f"{', '.join(str(r['scored']) for r in run['rounds'])} ranks exactly"]
     lines += [
         "",
-        f"ALoRA round at the defaults (val batch {a['val_size']} x seq {s['seq_len']}): {a['round_forwards']} "
-        f"forwards, {a['round_s']:.1f} s (from a round of {a['small_round_forwards']} forwards, "
-        f"{a['small_round_s']:.2f} s); the k2 = {a['k2']} steps after it {a['k2_steps_s']:.2f} s",
+        f"ALoRA round at the defaults (val batch {a['val_size']} x seq {s['seq_len']}, {a['live_ranks']} live "
+        f"ranks): forward {a['forward_s']:.2f} s, gradient pass {a['gradient_s']:.2f} s, step {a['step_s']:.2f} s; "
+        f"exact round {a['exact_round_s']:.1f} s, candidates round (scoring the least, {a['least_scored']}) "
+        f"{a['candidates_round_s']:.1f} s; a {TOTAL_STEPS}-step run with {a['rounds']} such rounds "
+        f"{a['candidates_run_over_steps']:.2f}x its steps alone",
         f"inference: merged LoRA forward {fwd['merged']:.3f} s, base forward {fwd['base']:.3f} s",
         f"GEMM fp32 {g['n']}^3: {g['gflops']:.1f} GFLOP/s; frozen step {res['frozen_step_gflop']:.1f} GFLOP "
         f"({100 * res['frozen_step_fraction_of_gemm']:.0f}% of GEMM), LoRA step {res['lora_step_gflop']:.1f} GFLOP "

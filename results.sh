@@ -21,8 +21,7 @@ case "$bench" in
         out=out/results
         seeds=${SEEDS:-0 1 2}
         train=(--dtype bf16)
-        test=(--limit 200 --dtype bf16)
-        alora=(--rounds 3 --k2 10 --score-frac 0.125 --val-size 4) ;;
+        test=(--limit 200 --dtype bf16) ;;
     math)
         if [ -z "${MATH_DATA:-}" ]; then
             echo "bash results.sh math needs MATH_DATA=DIR, a directory in LLM-Adapters' layout (train.json, test_<set>.json)" >&2
@@ -30,13 +29,11 @@ case "$bench" in
         fi
         out=out/results-math
         train=(--data "$MATH_DATA" --steps 40 --seq-len 512)
-        test=(--data "$MATH_DATA" --limit 20)
-        alora=(--rounds 3 --k2 4 --score-frac 0.125 --val-size 4) ;;
+        test=(--data "$MATH_DATA" --limit 20) ;;
     commonsense)
         out=out/results-commonsense
         train=(--task commonsense --limit 40 --steps 40)
-        test=(--task commonsense --limit 25)
-        alora=(--rounds 3 --k2 4 --score-frac 0.125 --val-size 4) ;;
+        test=(--task commonsense --limit 25) ;;
     shakespeare)
         out=out/results-shakespeare
         train=(--task shakespeare --steps 200)
@@ -62,7 +59,7 @@ for seed in $seeds; do  # every row once before any row twice: a stopped script 
         run mosara --method mosara  # at its TRAINING lr, 3e-2
         run sora --method sora
         run adalora --method adalora
-        run alora --method alora "${alora[@]}"
+        run alora --method alora
         run salora --method salora
     fi
 done

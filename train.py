@@ -85,18 +85,6 @@ def check_device(name):
 
 # ----------------------------------------------------------------------------- pieces of the run
 
-def load_data(args, tok):
-    data.need_tokenizer(tok)
-    train = benchmarks.train_set(tok, args.data, args.task, args.prompt, args.seq_len, args.limit, args.seed)
-    if args.data is None and args.task is None:
-        val = data.encode_all(tok, data.arithmetic("val", args.val_size), args.seq_len, args.prompt)
-    else:  # hold out the last examples; they never train
-        if len(train) <= args.val_size:
-            raise data.DataError(f"{args.data or args.task} has {len(train)} usable examples: fewer than --val-size + 1")
-        train, val = train[:-args.val_size], train[-args.val_size:]
-    return train, data.collate(val)
-
-
 def trim_log(path, step):
     """Drop log records after `step`: a killed run may have logged steps the checkpoint does not
     hold, and a partial last line (the disk filled, or the run died mid-write) goes with a note."""
@@ -178,24 +166,6 @@ def init_distributed(device):
     return rank, world, device
 
 
-def to_device(t, device):
-    """To a GPU through pinned memory, so the copy does not wait for the host; elsewhere as is."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def step_batches(train_set, args, step, rank, world, device):
-    """This process's micro-batches of optimizer step `step`: each global micro-batch is cut into
-    `world` row blocks, so N processes see exactly the examples one process would."""
-    micro = args.batch_size // args.grad_accum
-    out = []
-    for k in range(args.grad_accum):
-        x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
-        x, y = x[rank::world], y[rank::world]
-        width = int((y != -100).nonzero()[:, 1].max()) + 1  # this share's padding-only columns go
-        out.append((to_device(x[:, :width], device), to_device(y[:, :width], device)))
-    return out
-
-
 def scalars(figures):
     return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in figures.items() if isinstance(v, (int, float)))
@@ -262,7 +232,7 @@ def train(args, method, cfg, plain):
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")
     base_params = sum(p.numel() for p in model.parameters())
     base_buffers = {k for k, _ in model.named_buffers()}
-    train_set, val_batch = load_data(args, tok)
+    train_set, val_batch = training.load_data(args, tok)
     model.to(device)
     val_batch = tuple(t.to(device) for t in val_batch)
     torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
@@ -294,7 +264,7 @@ def train(args, method, cfg, plain):
     t_start, tokens, loss_avg = time.time(), 0, None
     with finish_the_step() as asked:  # Ctrl-C: this step ends and is checkpointed, then the run stops
         for step in range(start + 1, args.steps + 1):
-            batches = step_batches(train_set, args, step, rank, world, device)
+            batches = training.step_batches(train_set, args, step, rank, world, device)
             lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
             (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
                                                                 clip=args.clip, val_loss=val_loss, world=world,

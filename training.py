@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import adapters
 import benchmarks
+import data
 import files
 import methods
 import models
@@ -153,6 +154,12 @@ def defaults(run, data_prompt, method_training):
             "lr": LR, **method_training}
 
 
+def default_run(method):
+    """The settings of `train.py --method NAME` with no other flag (bench.py times such runs)."""
+    run = RunConfig(method=method.NAME)
+    return resolved(run, defaults(run, benchmarks.default_prompt(None, None), method_training(method)))
+
+
 def resolved(run, plain):
     """`run` with each setting left None given its default for this run (`plain`: defaults())."""
     return dataclasses.replace(run, **{k: v for k, v in plain.items() if getattr(run, k) is None})
@@ -209,14 +216,47 @@ def lr_lambda(warmup, steps, schedule):
     return f
 
 
+def load_data(args, tok):
+    """(the encoded training items, the validation batch): the built-in task's own validation split,
+    or the last --val-size items of the data, held out."""
+    data.need_tokenizer(tok)
+    train = benchmarks.train_set(tok, args.data, args.task, args.prompt, args.seq_len, args.limit, args.seed)
+    if args.data is None and args.task is None:
+        val = data.encode_all(tok, data.arithmetic("val", args.val_size), args.seq_len, args.prompt)
+    else:  # hold out the last examples; they never train
+        if len(train) <= args.val_size:
+            raise data.DataError(f"{args.data or args.task} has {len(train)} usable examples: fewer than --val-size + 1")
+        train, val = train[:-args.val_size], train[-args.val_size:]
+    return train, data.collate(val)
+
+
+def to_device(t, device):
+    """To a GPU through pinned memory, so the copy does not wait for the host; elsewhere as is."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def step_batches(train_set, args, step, rank, world, device):
+    """This process's micro-batches of optimizer step `step`: each global micro-batch is cut into
+    `world` row blocks, so N processes see exactly the examples one process would."""
+    micro = args.batch_size // args.grad_accum
+    out = []
+    for k in range(args.grad_accum):
+        x, y = data.batch(train_set, micro, args.seed, (step - 1) * args.grad_accum + k)
+        x, y = x[rank::world], y[rank::world]
+        width = int((y != -100).nonzero()[:, 1].max()) + 1  # this share's padding-only columns go
+        out.append((to_device(x[:, :width], device), to_device(y[:, :width], device)))
+    return out
+
+
 def val_closure(model, val_batch):
-    @torch.no_grad()
-    def val_loss():
+    def val_loss(grad=False):
+        """The loss on val_batch in eval mode: a float, or (grad=True) a tensor to backward from."""
         was_training = model.training
         model.eval()
-        loss = model.loss(*val_batch).item()
+        with torch.set_grad_enabled(grad):
+            loss = model.loss(*val_batch)
         model.train(was_training)
-        return loss
+        return loss if grad else loss.item()
     return val_loss
 
 

@@ -31,17 +31,32 @@ Where this file departs from the paper, and why:
 - Steps, not epochs: when not given, k1 = 10% of the steps, k2 = 2.5%, rounds = as many as fit
   before the end, at most 8 (the paper's 1 / 0.25 / 8 over 10 epochs), so any run of 20 steps or
   more holds rounds. prune_per_round defaults to len(targets), the paper's n_A = types per block.
-- Cost: a round takes 1 + 2 * (scored ranks) calls of val_loss (one forward of the validation
-  batch each); for the default model (30 layers x q,v x r = 8: 480 ranks) that is 961 forwards per
-  round. The ablations cannot be batched into fewer calls: val_loss returns one number for the
-  whole batch, and on a CPU a forward over k copies of the batch costs about k forwards anyway.
-  `score_frac` < 1 scores a random share of each module's live ranks (at least one per module)
-  and only those can be pruned: a deviation from the paper, off by default.
+- Scoring where it decides (scoring = "candidates", the default; "exact" scores every live rank as
+  the paper does). Only the prune_per_round lowest IS are pruned, so only ranks that can be among
+  them need Eq. 6 exactly. A round (1) estimates IS for every live rank to first order in the gates
+  from two backwards of the validation loss: one at the live gates (val_loss(M∖r) ≈ val_loss(M) −
+  ∂/∂gate_r) and one at all gates 0, the base model (val_loss(M_r) ≈ val_loss(base) + ∂/∂gate_r);
+  (2) scores exactly the 2 · prune_per_round lowest estimates; (3) widens: every rank whose
+  estimate, less the largest |exact − estimate| seen on a scored rank, is at or below the
+  prune_per_round-th lowest exact score is scored too, until none is left. The ranks pruned are the
+  lowest exact scores. They equal full exact scoring's whenever no unscored rank's estimate errs by
+  more than the worst scored one's (an assumption, not a bound: the estimate has no error bound
+  short of scoring everything). Footnote 3's module means, which only order the modules that
+  receive, use the estimates: exact means would need every rank of the leading modules scored,
+  2 · r forwards each.
+- Cost of a round, in forwards F of the validation batch (F grows with its V examples), R live
+  ranks, C ranks scored exactly, G a gate-gradient pass (forward keeping activations + backward to
+  the gates, a few F): "exact" (1 + 2 R) F, 961 F on the default model (480 ranks); "candidates"
+  2 G + 2 C F, C ≥ 2 · prune_per_round (4 at the defaults). Starting at 2 · prune_per_round gives
+  the error estimate more than the ranks to be pruned to learn from; each rank the widening adds
+  costs 2 F. Measured units, run ratios and what the paper's own schedule would cost: docs/bench.md.
+  The ablations cannot be batched into fewer calls: val_loss returns one number for the whole
+  batch, and on a CPU a forward over k copies of the batch costs about k forwards anyway.
 - Zeroing a new rank's AdamW moments leaves the tensor's shared step count as it is, so Adam's
   bias correction is already ~1 for those entries: their first updates are somewhat larger than
   a fresh optimizer's would be.
-- Every decision depends only on val_loss values and a generator seeded with the step, so DDP
-  processes agree as long as val_loss returns the same number on each of them.
+- Every decision depends only on val_loss values (and, scoring "candidates", their gradients) and a
+  generator seeded with the step, so DDP processes agree as long as val_loss returns the same on each.
 
 Usage: this file needs only torch. `model` is any PyTorch model whose target layers are nn.Linear
 (or a subclass) or transformers' GPT-2 Conv1D: this library's models, transformers' Llama, Mistral,
@@ -56,12 +71,12 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
     method.apply(model, method.Config(r=8))          # ranks pruned and reallocated in rounds
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3, weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total_steps)
-    def val_loss():                                  # ALoRA scores ranks on held-out data
+    def val_loss(grad=False):                        # ALoRA scores ranks on held-out data
         model.eval()                                 # dropout off while scoring
-        with torch.no_grad():
-            loss = task_loss(model, val_batch).item()
+        with torch.set_grad_enabled(grad):           # grad=True: a tensor, for the first-order estimates
+            loss = task_loss(model, val_batch)
         model.train()
-        return loss
+        return loss if grad else loss.item()
     model.train()
     for step in range(1, total_steps + 1):
         loss = task_loss(model, next(batches)) + method.extra_loss(model)
@@ -102,8 +117,9 @@ class Config:
     k1: int | None = None  # steps before the first round; None -> 10% of the steps
     k2: int | None = None  # recovery steps between rounds; None -> 2.5% of the steps
     rounds: int | None = None  # N_A, prune/reallocate rounds; None -> as many as fit, at most 8
-    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round; None -> one per target name, fewer than the modules
-    score_frac: float = 1.0  # share of each module's live ranks scored per round (paper: all)
+    prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round;
+                                        # None -> one per target name, fewer than the modules
+    scoring: str = "candidates"  # "exact": Eq. 6 for every live rank (the paper); "candidates": where it decides
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
     def __post_init__(self):
@@ -120,8 +136,8 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rounds is not None and self.rounds < 0:
             raise ValueError(f"rounds must be zero or more, got {self.rounds}")
-        if not 0 < self.score_frac <= 1:
-            raise ValueError(f"score_frac must be in (0, 1], got {self.score_frac}")
+        if self.scoring not in ("candidates", "exact"):
+            raise ValueError(f"scoring must be 'candidates' or 'exact', got {self.scoring!r}")
 
 
 def dropout(x, p, training):
@@ -286,44 +302,90 @@ def round_at(cfg, step, total_steps):
 
 # --- AB-LoRA importance -------------------------------------------------------------------------
 
-def live_slots(m, frac, generator):
-    """The live slots of m to score: all of them, or a random ceil(frac * live) of them."""
-    live = m.lora_gate.nonzero().flatten().tolist()
-    k = math.ceil(frac * len(live))
-    if k == len(live):
-        return live
-    pick = torch.randperm(len(live), generator=generator)[:k]
-    return sorted(live[i] for i in pick.tolist())
+def live_slots(mods):
+    """[(module name, slot), ...] of every live rank, in module order."""
+    return [(name, j) for name, m in mods.items() for j in m.lora_gate.nonzero().flatten().tolist()]
 
 
 @torch.no_grad()
-def importance(model, val_loss, frac=1.0, generator=None):
-    """(S(M)'s loss, {module name: [(slot, IS), ...]}) over the scored live ranks, with
-    IS = S(M) − S(M∖slot) + S(M_slot), S = −val_loss(). M∖slot: that rank off, every other on;
+def exact_scores(mods, val_loss, base, slots):
+    """{(name, slot): IS} for `slots` by Eq. 6: IS = S(M) − S(M∖slot) + S(M_slot), S = −val_loss(),
+    base = val_loss(M); two calls of val_loss per slot. M∖slot: that rank off, every other on;
     M_slot: that rank alone on, in the whole adapter. The gates are restored afterwards."""
-    mods = layers(model)
     live = {name: m.lora_gate.clone() for name, m in mods.items()}
-    scored = {name: live_slots(m, frac, generator) for name, m in mods.items()}
-    base = val_loss()
     without, alone = {}, {}
     try:
-        for name, m in mods.items():
-            for j in scored[name]:
-                m.lora_gate[j] = 0
-                without[name, j] = val_loss()  # M∖slot
-                m.lora_gate[j] = 1
+        for name, j in slots:
+            mods[name].lora_gate[j] = 0
+            without[name, j] = val_loss()  # M∖slot
+            mods[name].lora_gate[j] = 1
         for m in mods.values():
             m.lora_gate.zero_()
-        for name, m in mods.items():
-            for j in scored[name]:
-                m.lora_gate[j] = 1
-                alone[name, j] = val_loss()  # M_slot
-                m.lora_gate[j] = 0
+        for name, j in slots:
+            mods[name].lora_gate[j] = 1
+            alone[name, j] = val_loss()  # M_slot
+            mods[name].lora_gate[j] = 0
     finally:
         for name, m in mods.items():
             m.lora_gate.copy_(live[name])
-    return base, {name: [(j, -base + without[name, j] - alone[name, j]) for j in slots]
-                  for name, slots in scored.items()}
+    return {k: -base + without[k] - alone[k] for k in slots}
+
+
+@torch.no_grad()
+def importance(model, val_loss):
+    """(val_loss(M), {(module name, slot): IS}) of every live rank, exactly: 1 + 2 · (live ranks)
+    calls of val_loss."""
+    mods = layers(model)
+    base = val_loss()
+    return base, exact_scores(mods, val_loss, base, live_slots(mods))
+
+
+def gate_grads(mods, val_loss, gates):
+    """(val_loss, {name: ∂val_loss/∂lora_gate (rmax,)}) with the gates set to `gates` (name ->
+    (rmax,)): one val_loss(grad=True) and one backward to the gates alone, so no parameter's .grad
+    changes. The gates are restored afterwards."""
+    saved = {name: m.lora_gate for name, m in mods.items()}
+    leaves = {name: g.clone().requires_grad_() for name, g in gates.items()}
+    try:
+        for name, m in mods.items():
+            m.lora_gate = leaves[name]  # the buffer, for this one forward and backward
+        with torch.enable_grad():
+            loss = val_loss(grad=True)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)  # a layer the loss skips
+    finally:
+        for name, m in mods.items():
+            m.lora_gate = saved[name]
+    return loss.item(), {name: torch.zeros_like(gates[name]) if g is None else g.detach()
+                         for name, g in zip(leaves, grads)}
+
+
+def estimates(mods, val_loss):
+    """(val_loss(M), {(name, slot): first-order IS}) of every live rank, from two backwards: at the
+    live gates, val_loss(M∖slot) ≈ val_loss(M) − g_M[slot]; at all gates 0 (the base model),
+    val_loss(M_slot) ≈ val_loss(base) + g_0[slot]; so IS ≈ −g_M − val_loss(base) − g_0."""
+    live = {name: m.lora_gate.detach().clone() for name, m in mods.items()}
+    base, g_m = gate_grads(mods, val_loss, live)
+    empty, g_0 = gate_grads(mods, val_loss, {name: torch.zeros_like(g) for name, g in live.items()})
+    est = {(name, j): -float(g_m[name][j]) - empty - float(g_0[name][j]) for name, j in live_slots(mods)}
+    # an overflow (fp16) is scored first: its error, infinite, then widens the round to every rank
+    return base, {k: v if math.isfinite(v) else -math.inf for k, v in est.items()}
+
+
+def certified_lowest(mods, val_loss, n_prune):
+    """(val_loss(M), first-order IS of every live rank, exact IS of the ranks scored): scores exactly
+    the 2 · n_prune lowest estimates, then every rank whose estimate, less the largest |exact −
+    estimate| seen so far, is at or below the n_prune-th lowest exact score, until none is left: a
+    rank left unscored can then be among the n_prune lowest only if its estimate errs by more than
+    every scored rank's did."""
+    base, est = estimates(mods, val_loss)
+    order = sorted(est, key=lambda k: (est[k], k))
+    exact, batch = {}, order[:2 * n_prune]
+    while batch:
+        exact.update(exact_scores(mods, val_loss, base, batch))
+        err = max(abs(exact[k] - est[k]) for k in exact)
+        kth = sorted(exact.values())[min(n_prune, len(exact)) - 1]
+        batch = [k for k in order if k not in exact and est[k] - err <= kth]
+    return base, est, exact
 
 
 # --- pruning and reallocation -------------------------------------------------------------------
@@ -360,19 +422,28 @@ def grow(m, n, optimizer, generator=None):
     reset_state(optimizer, m.lora_B, (slice(None), slots))
 
 
-@torch.no_grad()
-def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=None):
-    """Score, prune the n_prune lowest, reallocate to modules that lost none.
-    Returns (validation loss of M, pruned module names, grown module names)."""
+def allocation_round(model, optimizer, val_loss, n_prune, scoring="exact", generator=None):
+    """Score, prune the n_prune lowest, reallocate to the modules that lost none. scoring "exact":
+    every live rank by Eq. 6; "candidates": first-order estimates, confirmed exactly where they
+    decide (certified_lowest). Returns (val_loss(M), pruned module names, grown module names, ranks
+    scored exactly)."""
     mods = layers(model)
-    base, scores = importance(model, val_loss, frac, generator)
-    ranked = sorted((s, name, j) for name, scored in scores.items() for j, s in scored)
+    if scoring == "exact":
+        base, exact = importance(model, val_loss)
+        means = exact
+    else:
+        base, means, exact = certified_lowest(mods, val_loss, n_prune)
+    ranked = sorted((s, name, j) for (name, j), s in exact.items())
     pruned = ranked[:n_prune]
-    for _, name, j in pruned:
-        mods[name].lora_gate[j] = 0
+    with torch.no_grad():
+        for _, name, j in pruned:
+            mods[name].lora_gate[j] = 0
     lost = {name for _, name, _ in pruned}
-    mean = {name: sum(s for _, s in scored) / len(scored) if scored else -math.inf
-            for name, scored in scores.items()}
+    per_module = {}
+    for (name, _), s in means.items():
+        per_module.setdefault(name, []).append(s)
+    mean = {name: sum(per_module[name]) / len(per_module[name]) if name in per_module else -math.inf
+            for name in mods}
     receivers = sorted((n for n in mods if n not in lost), key=lambda n: -mean[n])
     free = [int((mods[n].lora_gate == 0).sum()) for n in receivers]
     grown = []
@@ -380,7 +451,7 @@ def allocation_round(model, optimizer, val_loss, n_prune, frac=1.0, generator=No
         if count:
             grow(mods[name], count, optimizer, generator)
             grown += [name] * count
-    return base, [name for _, name, _ in pruned], grown
+    return base, [name for _, name, _ in pruned], grown, len(exact)
 
 
 def default_prune(cfg, n_modules):
@@ -409,23 +480,25 @@ def after_backward(model, step, total_steps):
 def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     """On round steps: one AB-LoRA prune/reallocate round; figures of it. Otherwise {}.
 
-    val_loss: a function of no arguments returning the validation loss as a float, computed in eval
-    mode (dropout off) under torch.no_grad() and leaving the model's mode as it found it; a round
-    calls it 1 + 2 * (scored ranks) times, with the gates changed in between."""
+    val_loss: val_loss() returns the validation loss as a float, computed in eval mode (dropout off)
+    under torch.no_grad(); val_loss(grad=True) returns the same loss as a tensor with its autograd
+    graph (eval mode, gradients on), for one backward. Either leaves the model's mode as it found it.
+    A round calls it with the gates changed in between: scoring "exact", 1 + 2 · (live ranks) times;
+    "candidates", twice with grad=True and 2 · (ranks scored exactly) times without."""
     check_step(step, total_steps)
     cfg = config(model)
     k = round_at(cfg, step, total_steps)
     if not k:
         return {}
     if val_loss is None:
-        raise ValueError("ALoRA's rounds need val_loss=, a function returning the validation loss as a float "
-                         "(see after_step's docstring)")
+        raise ValueError("ALoRA's rounds need val_loss=, a function returning the validation loss (see "
+                         "after_step's docstring)")
     n_prune = cfg.prune_per_round or default_prune(cfg, len(layers(model)))
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
-    base, pruned, grown = allocation_round(model, optimizer, val_loss, n_prune, cfg.score_frac, generator)
+    base, pruned, grown, scored = allocation_round(model, optimizer, val_loss, n_prune, cfg.scoring, generator)
     r = ranks(model)
-    return {"round": k, "scored_val_loss": base, "live_rank": sum(r.values()), "pruned": pruned, "added": grown,
-            "ranks": r}
+    return {"round": k, "scored_val_loss": base, "live_rank": sum(r.values()), "scored": scored, "pruned": pruned,
+            "added": grown, "ranks": r}
 
 
 def ranks(model):

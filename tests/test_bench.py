@@ -121,16 +121,20 @@ def test_without_peft_the_bench_says_so(monkeypatch):
 def test_the_whole_run_writes_every_figure(tmp_path, tiny_checkpoint):
     out = tmp_path / "bench.json"
     res = bench.main(["--model", str(tiny_checkpoint), "--quick", "--repeats", "1", "--svd-size", "16",
-                      "--gemm-size", "64", "--threads", "1", "--json", str(out)])
+                      "--gemm-size", "64", "--threads", "1", "--alora-run", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     keys = [f"{n}_step_over_frozen_step" for n in methods.NAMES] + [
         f"{n}_memory_over_frozen_memory" for n in methods.NAMES] + [
         "merged_forward_over_base_forward", "ours_over_peft_step", "ours_over_peft_memory",
         "sora_step_over_adalora_step", "frozen_step_fraction_of_gemm", "lora_step_fraction_of_gemm",
-        "sara_init_over_full_svd", "mosara_init_over_full_svd", "alora_round_over_k2_steps"]
+        "sara_init_over_full_svd", "mosara_init_over_full_svd", "alora_run_over_lora_run"]
     assert all(res[k] > 0 for k in keys)
-    a = res["alora_round"]  # 4 modules (q, v x 2 layers) of rank 8: a default round scores all 32 ranks
-    assert (a["small_round_forwards"], a["round_forwards"], a["k2"], a["val_size"]) == (1 + 2 * 4, 1 + 2 * 32, 3, 16)
+    a = res["alora_round"]  # 4 modules (q, v x 2 layers) of rank 8
+    assert (a["live_ranks"], a["least_scored"], a["k2"], a["rounds"], a["val_size"]) == (32, 4, 3, 8, 16)
+    assert a["exact_round_s"] == 65 * a["forward_s"] and a["candidates_run_over_steps"] > 1
+    run = res["alora_run"]  # train.py's defaults: 150 steps, rounds at 15, 18, ..., 36
+    assert run["steps"] == 150 and [r["step"] for r in run["rounds"]] == list(range(15, 37, 3))
+    assert all(4 <= r["scored"] <= 32 for r in run["rounds"])
     assert set(res["steps"]) == {"frozen", "peft", *methods.NAMES}
     assert res["steps"]["peft"]["trainable_params"] == res["steps"]["lora"]["trainable_params"]
     assert res["init"]["random"]["shapes"] == ["16x16"] and res["init"]["model"]["matrices"] == 4  # q, v x 2 layers
@@ -152,7 +156,8 @@ def test_a_size_builds_a_random_shape_and_peft_can_be_left_out(monkeypatch):
     assert res["setup"]["model"] == "tiny_llama's shape" and res["setup"]["peft"] == "left out"
     assert "peft" not in res["steps"] and "ours_over_peft_step" not in res
     assert set(res["targets"]) == set(bench.TARGETS) - {"ours_over_peft_step", "ours_over_peft_memory",
-                                                        "ours_over_peft_low_step", "ours_over_peft_low_memory"}
+                                                        "ours_over_peft_low_step", "ours_over_peft_low_memory",
+                                                        "alora_run_over_lora_run"}  # only with --alora-run
     assert "load" not in res["dtype"]  # a random shape: nothing to load
     assert res["frozen_step_gflop"] == bench.step_flops(tiny_llama(), 4, 64) / 1e9
 

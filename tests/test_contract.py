@@ -475,12 +475,12 @@ def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, record, cfg
     scope["method"] = spy
     val = token_batches(1, 2, seed=1)[0]
 
-    def val_loss():
+    def val_loss(grad=False):
         model.eval()
-        with torch.no_grad():
-            loss = model(**val).loss.item()
+        with torch.set_grad_enabled(grad):
+            loss = model(**val).loss
         model.train()
-        return loss
+        return loss if grad else loss.item()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=accumulate, max_grad_norm=0, report_to=[],
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
