@@ -91,8 +91,9 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32", help="the frozen base's dtype; "
-                   "the adapter stays float32 (auto: bf16 where the hardware runs it fast; fp16: CUDA only)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto", help="the frozen base's dtype; "
+                   "the adapter stays float32 (auto: the fastest of them on this device, measured; fp16: CUDA or "
+                   "AVX512-FP16 only)")
     group = p.add_argument_group(f"{known.method} method flags")
     add_config_flags(group, method.Config)
     args = p.parse_args(argv)
@@ -101,7 +102,7 @@ def parse_args(argv):
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
-    check_device(args.device)
+    cli.check_device(args.device)
     args.prompt = args.prompt or benchmarks.default_prompt(args.data, args.task)  # recorded for eval.py
     args.out = Path(args.out or f"out/{args.method}")
     if args.model and Path(args.model).exists() and cli.overlaps(args.out, args.model):
@@ -109,18 +110,6 @@ def parse_args(argv):
                          "writes into a model's directory")
     args.warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
     return args, method, method.Config(**cfg_kwargs)
-
-
-def check_device(name):
-    """Refuse a --device that torch does not know, or that this machine does not have."""
-    if name is None:
-        return
-    try:
-        usable = torch.device(name).type != "meta" and torch.empty(0, device=name) is not None
-    except (RuntimeError, AssertionError):
-        usable = False
-    if not usable:
-        raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
 NOT_RECIPE = {"method", "out", "model", "data", "task", "resume", "save_every", "log_every", "device"}
