@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# tokens per slice of the LM head in the loss: 256 x 49,152 float32 logits are 48 MiB, against
-# 192 MiB at 1024 tokens, for a step within 1% of the same speed (bench.py --memory, docs/precision.md)
+# tokens per slice of the LM head in the loss: 256 x 49,152 float32 logits are 48 MiB. The largest
+# power of two that keeps the default model's step within the memory goals at batch 8 x 128 (512:
+# bf16 at 0.64x float32); smaller slices cost time (docs/precision.md)
 CHUNK = 256
 
 

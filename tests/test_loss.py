@@ -130,8 +130,8 @@ def test_the_loss_never_holds_a_tokens_by_vocab_float32_tensor(monkeypatch):
     idx = torch.randint(0, vocab, (16, tokens // 16))
     targets = torch.randint(0, vocab, (16, tokens // 16))
     monkeypatch.setattr(shared, "CHUNK", chunk)
-    full = tokens * vocab * 4  # bytes of one (tokens x vocab) float32 tensor
-    assert bench.transient_peak(lambda: whole_vocab_loss(model, idx, targets).backward(), torch.device("cpu")) > 2 * full
+    full, cpu = tokens * vocab * 4, torch.device("cpu")  # bytes of one (tokens x vocab) float32 tensor
+    assert bench.transient_peak(lambda: whole_vocab_loss(model, idx, targets).backward(), cpu) > 2 * full
     model.zero_grad()
-    peak = bench.transient_peak(lambda: shared.loss(model, idx, targets).backward(), torch.device("cpu"))
+    peak = bench.transient_peak(lambda: shared.loss(model, idx, targets).backward(), cpu)
     assert peak < full / 2  # the whole model's activations included
