@@ -5,6 +5,7 @@
     python bench.py --size 1b --json out/bench-1b.json
     python bench.py --model DIR              # any checkpoint models.load reads
     python bench.py --quick --alora-run      # also a default ALoRA run against LoRA r=8's: two runs' time
+    python bench.py --memory --dtype bf16    # peak memory alone, float32 and bf16 (no timing: minutes)
 
 Prints a table and, with --json, writes every figure. Each time is the median over repeats that
 visit the variants round-robin (each repeat starting one variant later), so a machine that slows
@@ -35,15 +36,19 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
       weight gradient, so a frozen-base step is 4N per token, not the 6N of full fine-tuning.
       Attention, causal (query i sees i + 1 keys): QKᵀ and PV forward, 2 x 2 x dim x Σ(i + 1) =
       2 dim T (T + 1) per layer and sequence; backward twice that (dP, dV, dQ, dK); in all
-      6 dim T (T + 1). Flash attention's recomputation in backward is not counted.
+      6 dim T (T + 1). Flash attention's recomputation in backward is not counted, nor the loss's
+      (models.shared.HeadCrossEntropy: the LM head's logits again in backward, 2 x vocab x dim per
+      token).
       A LoRA step adds 6 r (in + out) per adapted module and token (forward 2, input and weight
       gradients 4).
-- Mixed precision (--dtype, default bf16): the frozen base stored and computed in that dtype, the
-  adapter in float32. Every step and peak memory above again on that base, each over its float32
-  figure; ours against peft on the same low-precision weights; the frozen step's share of that
-  dtype's GEMM rate; greedy generation tokens/s (4 prompts of 16 random tokens, 32 new tokens
-  each) against float32; and models.load's time and peak RSS per dtype, each in a fresh process
-  (an RSS high-water mark belongs to a process), next to a process that only imports.
+- Mixed precision (--dtype, default auto: what models.pick_dtype takes on this device, the first
+  line says which and why; no comparison where that is float32): the frozen base stored and
+  computed in that dtype, the adapter in float32. Every step and peak memory above again on that
+  base, each over its float32 figure; ours against peft on the same low-precision weights; the
+  frozen step's share of that dtype's GEMM rate; greedy generation tokens/s (4 prompts of 16
+  random tokens, 32 new tokens each) against float32; and models.load's time and peak RSS per
+  dtype, each in a fresh process (an RSS high-water mark belongs to a process), next to a process
+  that only imports. --memory: the peak memory alone, in float32 and in --dtype, nothing timed.
 - Tokenizers: encoding 1 MB of text with the default model's byte-level tokenizer (tiktoken, in
   Rust) and with the SentencePiece-style BPE (models.tokenizer.SentencePieceBPE, in Python) of the
   same vocabulary and merges: its tokens that are whole UTF-8 text with ' ' written '▁', plus the
@@ -87,15 +92,16 @@ SIZES = {  # --size NAME: a random LLaMA shape
            "Llama-3.2-1B's layer shape (dim 2048, 32 heads, 8 KV heads, SwiGLU 8192), 4 of its 16 layers, "
            "vocab 32000 so the LM head keeps its share of the matmuls (21%), random weights"),
 }
-TARGETS = {  # name -> (what the ratio must stay at or below, what it compares)
+TARGETS = {  # name -> (the most the figure may be, what it is)
     "lora_step_over_frozen_step": (1.10, "LoRA step / frozen-base step"),
     "ours_over_peft_step": (1.00, "our LoRA step / peft's"),
     "ours_over_peft_memory": (1.00, "our LoRA peak memory / peft's"),
     "merged_forward_over_base_forward": (1.02, "merged LoRA forward / base forward"),
     "sora_step_over_adalora_step": (0.80, "SoRA step / AdaLoRA step"),
     "alora_run_over_lora_run": (1.42, "ALoRA default run / LoRA r=8's"),
-    **{f"{n}_low_over_fp32_step": (0.55, f"{n} step, --dtype / fp32") for n in methods.NAMES},
-    **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in methods.NAMES},
+    "frozen_fp32_peak_mb": (1650, "frozen step's fp32 peak MB at 8 x 128"),
+    **{f"{n}_low_over_fp32_step": (0.55, f"{n} step, --dtype / fp32") for n in ("frozen", *methods.NAMES)},
+    **{f"{n}_low_over_fp32_memory": (0.60, f"{n} peak memory, --dtype / fp32") for n in ("frozen", *methods.NAMES)},
     "ours_over_peft_low_step": (1.00, "our LoRA step / peft's, both --dtype"),
     "ours_over_peft_low_memory": (1.00, "our LoRA memory / peft's, both --dtype"),
     "sentencepiece_over_byte_level_encode": (2.00, "SentencePiece-style / byte-level encode"),
@@ -336,8 +342,9 @@ def logit_gap(base, hf, idx):
 
 # ----------------------------------------------------------------------------- the sections
 
-def bench_steps(base, batch, repeats, device, hf=None):
-    """Every method's step, the frozen base's and (given transformers' twin `hf`) peft's."""
+def bench_steps(base, batch, repeats, device, hf=None, timed=True):
+    """Every method's step, the frozen base's and (given transformers' twin `hf`) peft's: peak
+    memory, and (timed) seconds."""
     names = ["frozen", *methods.NAMES] + (["peft"] if hf is not None else [])
     variants = {}
     for name in names:
@@ -356,6 +363,8 @@ def bench_steps(base, batch, repeats, device, hf=None):
         # activations, so it never sits under the peak, which comes at the turn from forward to backward
         step_peak = transient_peak(v.step, device)
         out[name] = {"trainable_params": v.trainable, "peak_bytes": tensor_bytes(v.keeps()) + step_peak}
+    if not timed:
+        return out
     print(f"timing {len(variants)} variants x {repeats} repeats", file=sys.stderr, flush=True)
     for name, times in interleaved({n: v.step for n, v in variants.items()}, repeats, device).items():
         out[name].update(seconds=times, median_s=statistics.median(times))
@@ -483,14 +492,18 @@ def bench_dtype(args, base, batch, steps32, dtype, with_peft):
     """The step, memory, GEMM, generation and loading figures of a `dtype` base against float32's."""
     low = copy.deepcopy(base).to(dtype)
     hf = hf_llama(low) if with_peft else None
-    steps = bench_steps(low, batch, args.repeats, args.device, hf)
+    steps = bench_steps(low, batch, args.repeats, args.device, hf, timed=not args.memory)
     out = {"dtype": str(dtype).removeprefix("torch."), "steps": steps}
     for n in steps:
-        out[f"{n}_low_over_fp32_step"] = steps[n]["median_s"] / steps32[n]["median_s"]
         out[f"{n}_low_over_fp32_memory"] = steps[n]["peak_bytes"] / steps32[n]["peak_bytes"]
     if "peft" in steps:
-        out["ours_over_peft_low_step"] = steps["lora"]["median_s"] / steps["peft"]["median_s"]
         out["ours_over_peft_low_memory"] = steps["lora"]["peak_bytes"] / steps["peft"]["peak_bytes"]
+    if args.memory:
+        return out
+    for n in steps:
+        out[f"{n}_low_over_fp32_step"] = steps[n]["median_s"] / steps32[n]["median_s"]
+    if "peft" in steps:
+        out["ours_over_peft_low_step"] = steps["lora"]["median_s"] / steps["peft"]["median_s"]
     out["gemm_gflops"] = gemm_gflops(args.gemm_size, 5, args.device, dtype)
     out["frozen_step_fraction_of_gemm"] = (step_flops(low, args.batch_size, args.seq_len) / steps["frozen"]["median_s"]
                                            / 1e9 / out["gemm_gflops"])
@@ -575,6 +588,8 @@ def parse_args(argv):
     src.add_argument("--model", default=None,
                      help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats, a smaller SVD matrix")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory alone: every variant's first step in float32 and in --dtype, nothing timed")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 8; 4 with --quick)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: 128; 64 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 3; 2 with --quick)")
@@ -583,8 +598,8 @@ def parse_args(argv):
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the matmul that measures GFLOP/s")
     p.add_argument("--no-peft", action="store_true", help="leave peft out even where it is installed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="bf16",
-                   help="the low-precision base compared with float32 (fp32: no comparison)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto",
+                   help="the low-precision base compared with float32 (fp32, or auto choosing it: no comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--alora-run", action="store_true", help="also time a default ALoRA run (train.py's data and "
                    "steps) against LoRA r=8's, in --dtype (fp32: float32): a model with a tokenizer, ~2 runs' time")
@@ -639,24 +654,10 @@ def ratios(steps):
     return out
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    res = {"machine": machine(args.device)}
-    base, about = build(args)
-    batch = random_batch(base.cfg, args.batch_size, args.seq_len, args.device)
-    tokens = args.batch_size * args.seq_len
-    versions = None if args.no_peft else peft_versions()
-    res["setup"] = {"model": about, "base_params": sum(p.numel() for p in base.parameters()),
-                    "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
-                    "quick": args.quick, "peft": versions or ("left out" if args.no_peft else "not installed")}
-    hf = None
-    if versions and isinstance(base, models.Llama):
-        hf = hf_llama(base)
-        res["hf_max_abs_logit_diff"] = logit_gap(base, hf, batch[0][:1])
-    elif versions:
-        res["setup"]["peft"] = "left out: only LLaMA-family models are built in transformers here"
-
-    res["steps"] = bench_steps(base, batch, args.repeats, args.device, hf)
+def bench_float32(args, res, base, batch):
+    """Into `res`: the step ratios, ALoRA's round (and with --alora-run its default run against
+    LoRA's), merged inference, the GEMM rate and the step's share of it, tokenizer speed, SARA and
+    Mo-SARA initialisation."""
     res.update(ratios(res["steps"]))
     print("ALoRA's scoring round", file=sys.stderr, flush=True)
     res["alora_round"] = bench_alora_round(base, batch, random_batch(base.cfg, 16, args.seq_len, args.device),
@@ -669,14 +670,10 @@ def main(argv=None):
     res["forward_s"] = fwd
     res["merged_forward_over_base_forward"] = fwd["merged"] / fwd["base"]
 
-    dtype = models.pick_dtype(args.dtype, args.device)[0]
-    if dtype != torch.float32:
-        res["dtype"] = bench_dtype(args, base, batch, res["steps"], dtype, hf is not None)
-        res.update((k, v) for k, v in res["dtype"].items() if k.endswith(("_step", "_memory")))
-
     gemm = gemm_gflops(args.gemm_size, 5, args.device)
     lora = methods.get("lora")
     flops = {"frozen": step_flops(base, args.batch_size, args.seq_len)}
+    tokens = args.batch_size * args.seq_len
     flops["lora"] = flops["frozen"] + adapter_flops(lora.apply(share_base(base), lora.Config()), lora, tokens)
     res["gemm"] = {"n": args.gemm_size, "gflops": gemm}
     for n, f in flops.items():
@@ -689,10 +686,38 @@ def main(argv=None):
     res["init"] = bench_init(base, args.svd_size, 1 if args.quick else args.repeats, args.device)
     for n in ("sara", "mosara"):
         res[f"{n}_init_over_full_svd"] = res["init"]["model"][n] / res["init"]["model"]["full_svd"]
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    dtype, why = models.pick_dtype(args.dtype, args.device)
+    print(f"dtype: {str(dtype).removeprefix('torch.')} against float32 ({why})", flush=True)
+    res = {"machine": machine(args.device)}
+    base, about = build(args)
+    batch = random_batch(base.cfg, args.batch_size, args.seq_len, args.device)
+    versions = None if args.no_peft else peft_versions()
+    res["setup"] = {"model": about, "base_params": sum(p.numel() for p in base.parameters()),
+                    "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
+                    "quick": args.quick, "peft": versions or ("left out" if args.no_peft else "not installed")}
+    hf = None
+    if versions and isinstance(base, models.Llama):
+        hf = hf_llama(base)
+        res["hf_max_abs_logit_diff"] = logit_gap(base, hf, batch[0][:1])
+    elif versions:
+        res["setup"]["peft"] = "left out: only LLaMA-family models are built in transformers here"
+
+    res["steps"] = bench_steps(base, batch, args.repeats, args.device, hf, timed=not args.memory)
+    if args.model is None and not args.size and (args.batch_size, args.seq_len) == (8, 128):
+        res["frozen_fp32_peak_mb"] = res["steps"]["frozen"]["peak_bytes"] / 2 ** 20
+    if not args.memory:
+        bench_float32(args, res, base, batch)
+    if dtype != torch.float32:
+        res["dtype"] = bench_dtype(args, base, batch, res["steps"], dtype, hf is not None)
+        res.update((k, v) for k, v in res["dtype"].items() if k.endswith(("_step", "_memory")))
     res["targets"] = {k: {"value": res[k], "at_most": limit, "met": res[k] <= limit}
                       for k, (limit, _) in TARGETS.items() if k in res}
     res["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    print(report(res))
+    print(memory_report(res) if args.memory else report(res))
     if args.json:
         files.write_json(args.json, res)
     return res
@@ -700,19 +725,49 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------- the table
 
-def report(res):
-    m, s, steps = res["machine"], res["setup"], res["steps"]
-    frozen = steps["frozen"]
-    lines = [
+def header(res):
+    """The report's first lines: the machine, the model, how memory is counted."""
+    m, s = res["machine"], res["setup"]
+    return [
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
         f"{m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}; load average {m['load_average_at_start']:.2f} at "
         f"start, {m['load_average_at_end']:.2f} at end",
         f"model: {s['model']}; {s['base_params']:,} parameters",
-        f"step: batch {s['batch_size']} x seq {s['seq_len']} random tokens, step {STEP} of {TOTAL_STEPS} (ALoRA: "
-        f"an ordinary step, no scoring round); median of {s['repeats']} interleaved repeats",
         "memory: parameters + buffers + optimizer state, plus the most bytes of torch tensors alive at once "
         "during the step (" + ("torch.cuda.max_memory_allocated" if m["device"].startswith("cuda")
                                else "profiler allocation events") + ")",
+    ]
+
+
+def goals(res):
+    lines = ["", "targets:"]
+    for k, t in res["targets"].items():
+        value = f"{t['value']:>8.0f}" if t["at_most"] > 10 else f"{t['value']:>8.3f}"  # MB, or a ratio
+        lines.append(f"  {TARGETS[k][1]:<38} {value} <= {t['at_most']:g}  {'met' if t['met'] else 'MISSED'}")
+    return lines
+
+
+def memory_report(res):
+    """bench.py --memory: every variant's peak in float32 and (where a dtype was compared) in it."""
+    s, steps, low = res["setup"], res["steps"], res.get("dtype")
+    lines = [*header(res), f"step: the first of each variant, batch {s['batch_size']} x seq {s['seq_len']} "
+             f"random tokens, every position a target", "",
+             f"{'variant':<8} {'fp32 MB':>9}" + (f" {low['dtype'] + ' MB':>13} {'x fp32':>8}" if low else "")]
+    for n, v in steps.items():
+        row = f"{n:<8} {v['peak_bytes'] / 2 ** 20:>9.0f}"
+        if low:
+            row += f" {low['steps'][n]['peak_bytes'] / 2 ** 20:>13.0f} {low[n + '_low_over_fp32_memory']:>8.3f}"
+        lines.append(row)
+    return "\n".join(lines + goals(res))
+
+
+def report(res):
+    s, steps = res["setup"], res["steps"]
+    frozen = steps["frozen"]
+    lines = [
+        *header(res),
+        f"step: batch {s['batch_size']} x seq {s['seq_len']} random tokens, step {STEP} of {TOTAL_STEPS} (ALoRA: "
+        f"an ordinary step, no scoring round); median of {s['repeats']} interleaved repeats",
         "",
         f"{'variant':<8} {'trainable':>10} {'step s':>8} {'x frozen':>9} {'peak MB':>9} {'x frozen':>9}",
     ]
@@ -764,11 +819,7 @@ def report(res):
         if "load" in d:
             lines.append("load (fresh process each): " + "; ".join(
                 f"{k} {v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in d["load"].items()))
-    lines += ["", "targets:"]
-    for k, t in res["targets"].items():
-        lines.append(f"  {TARGETS[k][1]:<34} {t['value']:>6.3f} <= {t['at_most']:.2f}  "
-                     f"{'met' if t['met'] else 'MISSED'}")
-    return "\n".join(lines)
+    return "\n".join(lines + goals(res))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 import argparse
 import sys
 
+import torch
+
 import adapters
 import data
 import models
@@ -59,6 +61,18 @@ def non_negative(args, *names):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+
+
+def check_device(name):
+    """Refuse a --device that torch does not know, or that this machine does not have (None: the default)."""
+    if name is None:
+        return
+    try:
+        usable = torch.device(name).type != "meta" and torch.empty(0, device=name) is not None
+    except (RuntimeError, AssertionError):
+        usable = False
+    if not usable:
+        raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
 def fmt_time(s):

@@ -57,8 +57,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="the longest answer (default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
-    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
-                   help="the model's dtype; adapters keep float32 parameters (auto: bf16 where this CPU runs it fast)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto", help="the model's dtype; adapters "
+                   "keep float32 parameters (auto: the fastest of them on this device, measured)")
     p.add_argument("--show", type=int, default=None, metavar="N",
                    help="print the completions of the first N examples of each test set, for every row (default: none)")
     p.add_argument("--json", default=None, help="also write the rows to this file (default: no file)")
@@ -75,6 +76,7 @@ def parse_args(argv):
                              "give at least one and leave out --text, --task shakespeare and chat or text data")
         plots.pyplot()  # a missing matplotlib fails before the model loads
     cli.positive(args, "batch_size", "max_new_tokens", "seq_len", "limit", "show")
+    cli.check_device(args.device)
     if args.show and scored:
         raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
     if args.json:
@@ -131,7 +133,7 @@ def perplexity(model, held_out, batch_size):
     for name, encoded in held_out.items():
         nll, n = 0.0, 0
         for s in range(0, len(encoded), batch_size):
-            x, y = data.collate(encoded[s:s + batch_size])
+            x, y = (t.to(model.lm_head.weight.device) for t in data.collate(encoded[s:s + batch_size]))
             k = int((y != -100).sum())
             nll += model.loss(x, y).item() * k
             n += k
@@ -172,8 +174,9 @@ def with_adapter(base, adapter_dir):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    dtype, why = models.pick_dtype(args.dtype, "cpu")
-    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype, why = models.pick_dtype(args.dtype, device)
+    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", flush=True)
     base, tok = models.load(args.model, dtype)
     data.need_tokenizer(tok)
     for adapter_dir in args.adapter:  # a wrong adapter fails now, not after the rows before it
@@ -189,6 +192,7 @@ def main(argv=None):
             print(f"wrote {path}")
         return []
 
+    base.to(device)  # after the figures, which plots.py draws on the CPU
     candidates = ([] if args.no_base else [("base", None)]) + [(Path(d).name, d) for d in args.adapter]
     rows = []
     for name, adapter_dir in candidates:

@@ -46,9 +46,8 @@ def parse_args(argv):
                    help="sample among the k likeliest tokens only (default: among all of them)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling, for a repeatable draw (default: a new draw each run)")
-    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="fp32",
-                   help="the model's dtype; adapters keep float32 parameters (auto: bf16 where this CPU runs it "
-                        "fast; default: fp32)")
+    p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto", help="the model's dtype; adapters "
+                   "keep float32 parameters (auto: the fastest of them on this CPU, measured)")
     args = p.parse_args(argv)
     cli.positive(args, "max_new_tokens", "top_k")
     cli.non_negative(args, "temperature")

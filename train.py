@@ -61,7 +61,7 @@ def parse_args(argv):
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
-    check_device(args.device)
+    cli.check_device(args.device)
     plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task),  # reads --data once
                               training.method_training(method))
     args = training.resolved(args, plain)
@@ -69,18 +69,6 @@ def parse_args(argv):
         raise ValueError(f"--out {args.out} is, holds or lies inside the model {args.model}: a run never "
                          "writes into a model's directory")
     return args, method, method.Config(**cfg_kwargs), plain
-
-
-def check_device(name):
-    """Refuse a --device that torch does not know, or that this machine does not have."""
-    if name is None:
-        return
-    try:
-        usable = torch.device(name).type != "meta" and torch.empty(0, device=name) is not None
-    except (RuntimeError, AssertionError):
-        usable = False
-    if not usable:
-        raise ValueError(f"--device {name} is not a device here (cpu, cuda, cuda:1 ...)")
 
 
 # ----------------------------------------------------------------------------- pieces of the run

@@ -76,8 +76,8 @@ class RunConfig:
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", recipe=False, fixed=False)
     device: str | None = setting(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", recipe=False,
                                  fixed=False)
-    dtype: str = setting("fp32", "the frozen base's dtype; the adapter stays float32 (auto: bf16 where the "
-                         "hardware runs it fast; fp16: CUDA only)", choices=("auto", *models.DTYPES))
+    dtype: str = setting("auto", "the frozen base's dtype; the adapter stays float32 (auto: the fastest of them "
+                         "on this device, measured; fp16: CUDA or AVX512-FP16 only)", choices=("auto", *models.DTYPES))
 
 
 def add_flags(parser, config_cls):

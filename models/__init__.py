@@ -1,4 +1,6 @@
-"""load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory."""
+"""load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory;
+pick_dtype(name, device): the dtype every script runs the model in."""
+import contextlib
 import importlib.util
 import re
 import time
@@ -64,45 +66,72 @@ def build(cfg, sd, path):
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHORT = {v: k for k, v in DTYPES.items()}
+FASTER = 1.3  # auto takes a low precision whose matmul runs at least this many times float32's rate
+FP16_OVER_BF16 = 1.1  # and fp16 over bf16 only when it is this much faster still: fp16 needs loss scaling
 
 
-def matmul_speedup(dtype, n=768, repeats=3):
-    """How many times faster a (2n x n) @ (n x n) matmul runs in `dtype` than in float32 on this CPU."""
-    best, g = {}, torch.Generator().manual_seed(0)  # the global RNG is left as it was
-    for dt in (torch.float32, dtype):
-        a, b = torch.randn(2 * n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
-        a @ b  # warm-up: the first call picks kernels
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        best[dt] = min(times)
-    return best[torch.float32] / best[dtype]
+def cpu_flags():
+    """The CPU's feature flags, as /proc/cpuinfo lists them (none where there is no such file)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    return set()
+
+
+def low_precisions(device):
+    """The dtypes below float32 that `device` computes natively: bf16 (on CUDA where the GPU has it),
+    fp16 on CUDA and on a CPU with AVX512-FP16 (elsewhere a CPU converts every fp16 element)."""
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ([torch.bfloat16] if native_bf16 else []) + [torch.float16]
+    if device.type == "cpu":
+        return [torch.bfloat16] + ([torch.float16] if "avx512_fp16" in cpu_flags() else [])
+    return []
+
+
+def matmul_seconds(dtype, device, repeats=3):
+    """Best seconds of a (2n x n) @ (n x n) matmul in `dtype` on `device` (n = 768; 4096 on a GPU,
+    where a smaller product times the kernel launch)."""
+    n = 4096 if device.type == "cuda" else 768
+    g = torch.Generator().manual_seed(0)  # the global RNG is left as it was
+    a, b = (torch.randn(rows, n, generator=g).to(device, dtype) for rows in (2 * n, n))
+    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    a @ b  # warm-up: the first call picks kernels
+    best = float("inf")
+    for _ in range(repeats):
+        wait(device)
+        t = time.perf_counter()
+        a @ b
+        wait(device)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def pick_dtype(name, device):
-    """(torch dtype, the reason in words) for --dtype auto|bf16|fp16|fp32 on `device`. auto is bf16
-    on a CUDA device that has it, and on a CPU whose bf16 matmul measures at least 1.3x float32's
-    rate; float32 otherwise. fp16 needs CUDA (its gradients need a scaler, and CPUs run it slowly)."""
+    """(torch dtype, the reason in words) for --dtype auto|bf16|fp16|fp32 on `device`: the one policy
+    of every script. auto times a matmul in float32 and in each of low_precisions(device) and takes
+    the fastest that reaches FASTER x float32's rate (fp16 only when it beats bf16 by FP16_OVER_BF16
+    too); float32 otherwise. fp16 is refused where the device does not compute it natively."""
     device = torch.device(device)
     if name not in ("auto", *DTYPES):
         raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {name!r}")
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("--dtype fp16 needs a CUDA device (its training needs a gradient scaler, and a CPU "
-                         "computes fp16 slowly): use --dtype bf16 or fp32 here")
+    offered = low_precisions(device)
+    if name == "fp16" and torch.float16 not in offered:
+        raise ValueError("--dtype fp16 needs a CUDA device or a CPU with AVX512-FP16 (elsewhere fp16 is computed "
+                         "slowly, and its training needs a gradient scaler): use --dtype bf16 or fp32 here")
     if name != "auto":
         return DTYPES[name], "as asked"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16, f"{torch.cuda.get_device_name(device)} computes bf16 natively"
-        return torch.float32, f"{torch.cuda.get_device_name(device)} has no fast bf16"
-    if device.type == "cpu":
-        speedup = matmul_speedup(torch.bfloat16)
-        if speedup >= 1.3:
-            return torch.bfloat16, f"a bf16 matmul ran {speedup:.1f}x the float32 rate on this CPU"
-        return torch.float32, f"a bf16 matmul ran only {speedup:.1f}x the float32 rate on this CPU"
-    return torch.float32, f"no bf16 rule for {device.type}"
+    if not offered:
+        return torch.float32, f"no low precision is measured on {device.type}"
+    fp32 = matmul_seconds(torch.float32, device)
+    speedup = {dt: fp32 / matmul_seconds(dt, device) for dt in offered}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    why = ", ".join(f"{SHORT[dt]} matmul {x:.2f}x" for dt, x in speedup.items()) + f" float32 on {where}"
+    best = max(speedup, key=lambda dt: speedup[dt] / (FP16_OVER_BF16 if dt == torch.float16 else 1))
+    if speedup[best] < FASTER:
+        return torch.float32, f"{why}, below the {FASTER}x auto asks for"
+    return best, why + ("; fp16 trains with loss scaling" if best == torch.float16 else "")
 
 
 def load(source=None, dtype=torch.float32):

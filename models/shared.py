@@ -1,11 +1,20 @@
 """What the LLaMA and GPT-2 decoders share: attention over a KV cache, the loss, generate().
 
+The loss never holds a (tokens x vocab) float32 tensor: HeadCrossEntropy computes the LM head and
+the cross-entropy CHUNK tokens at a time and recomputes each chunk's logits in backward.
+
 Batched generation left-pads the prompts. Every row then carries its own positions
 (`pos`, for RoPE or learned position embeddings) and a mask of which cache slots hold real
 tokens (`valid`), so a padded batch gives the same tokens as one prompt at a time.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+# tokens per slice of the LM head in the loss: 256 x 49,152 float32 logits are 48 MiB. The largest
+# power of two that keeps the default model's step within the memory goals at batch 8 x 128 (512:
+# bf16 at 0.64x float32); smaller slices cost time (docs/precision.md)
+CHUNK = 256
 
 
 class KVCache:
@@ -34,12 +43,56 @@ def attend(q, k, v, layer, cache=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy((h @ w.T).float(), targets), the mean over every row, computed `chunk` rows
+    at a time. Logits in w's dtype, log-sum-exp and loss in float32. Backward keeps h, w and each
+    row's log-sum-exp, not the logits: it recomputes them per chunk (one more LM-head matmul).
+
+    h (N, dim), w (vocab, dim), targets (N,) in [0, vocab). N = 0 gives NaN, as the mean of nothing."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        lse = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, len(h), chunk):
+            logits = (h[s:s + chunk] @ w.T).float()  # (chunk, vocab)
+            lse[s:s + chunk] = logits.logsumexp(-1)
+            total += (lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None])[:, 0]).sum()
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.chunk = chunk
+        return total / len(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, targets, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None  # summed over chunks
+        for s in range(0, len(h), ctx.chunk):
+            hc, tc = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            dlogits = (hc @ w.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax (chunk, vocab)
+            dlogits[torch.arange(len(tc), device=tc.device), tc] -= 1
+            dlogits = dlogits.mul_(grad / len(h)).to(h.dtype)  # as autograd casts the float32 gradient back
+            if want_h:
+                grad_h[s:s + ctx.chunk] = dlogits @ w
+            if want_w:
+                grad_w += (dlogits.T @ hc).float()
+        return grad_h, grad_w.to(w.dtype) if want_w else None, None, None
+
+
 def loss(model, idx, targets):
     """Mean cross-entropy over positions whose target is not -100 (the head runs only there),
-    log-softmax in float32 whatever the model's dtype."""
+    log-softmax in float32 whatever the model's dtype.
+
+    A head that is a plain nn.Linear without bias (tied to the embeddings or not, frozen or
+    trained) goes through HeadCrossEntropy. Any other head, such as an adapter's wrapper around
+    lm_head, runs whole through its own forward: its weight alone is not what it computes."""
     h = model.hidden(idx)
     keep = targets != -100
-    return F.cross_entropy(model.lm_head(h[keep]).float(), targets[keep])
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None:
+        return HeadCrossEntropy.apply(h[keep], head.weight, targets[keep], CHUNK)
+    return F.cross_entropy(head(h[keep]).float(), targets[keep])
 
 
 @torch.no_grad()

@@ -33,6 +33,18 @@ def tiny_gpt(seed=0, **kw):
     return GPT(GPTConfig(**cfg)).eval().requires_grad_(False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def real_matmul_seconds():
+    """--dtype auto (the scripts' default) times matmuls: in the tests every dtype runs them alike,
+    so auto takes float32 and no result depends on which dtype this CPU runs fastest. A test of the
+    policy sets its own timings; this fixture's value is the real timing, for the test of it."""
+    import models
+    real = models.matmul_seconds
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "matmul_seconds", lambda dtype, device: 1.0)
+        yield real
+
+
 @pytest.fixture(params=["llama", "gpt"])
 def tiny_model(request):
     """A tiny random model of each family, frozen, in eval mode."""

@@ -28,9 +28,10 @@ def test_step_flops_is_the_hand_count():
     assert LINEAR_PARAMS == 18464
 
 
-def test_a_frozen_step_runs_4N_matmul_flops_per_token():
+def test_a_frozen_step_runs_4N_matmul_flops_per_token_and_the_head_once_more():
     """What torch counts for the frozen-base step's matmuls: forward and input gradients, no weight
-    gradients (6N would mean the bench's frozen step trains the weights)."""
+    gradients (6N would mean the bench's frozen step trains the weights), and the LM head's logits
+    recomputed in the loss's backward (2 x vocab x dim per token)."""
     model = tiny_llama()
     batch = bench.random_batch(model.cfg, 3, 8, CPU)
     step = bench.frozen_variant(model, batch).step
@@ -38,7 +39,7 @@ def test_a_frozen_step_runs_4N_matmul_flops_per_token():
         step()
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(n for op, n in counts.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
-    assert matmuls == 4 * LINEAR_PARAMS * 3 * 8
+    assert matmuls == (4 * LINEAR_PARAMS + 2 * 97 * 32) * 3 * 8
 
 
 def test_adapter_flops_is_the_hand_count():
@@ -121,7 +122,7 @@ def test_without_peft_the_bench_says_so(monkeypatch):
 def test_the_whole_run_writes_every_figure(tmp_path, tiny_checkpoint):
     out = tmp_path / "bench.json"
     res = bench.main(["--model", str(tiny_checkpoint), "--quick", "--repeats", "1", "--svd-size", "16",
-                      "--gemm-size", "64", "--threads", "1", "--alora-run", "--json", str(out)])
+                      "--gemm-size", "64", "--threads", "1", "--alora-run", "--dtype", "bf16", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     keys = [f"{n}_step_over_frozen_step" for n in methods.NAMES] + [
         f"{n}_memory_over_frozen_memory" for n in methods.NAMES] + [
@@ -138,7 +139,7 @@ def test_the_whole_run_writes_every_figure(tmp_path, tiny_checkpoint):
     assert set(res["steps"]) == {"frozen", "peft", *methods.NAMES}
     assert res["steps"]["peft"]["trainable_params"] == res["steps"]["lora"]["trainable_params"]
     assert res["init"]["random"]["shapes"] == ["16x16"] and res["init"]["model"]["matrices"] == 4  # q, v x 2 layers
-    assert set(res["targets"]) == set(bench.TARGETS)
+    assert set(res["targets"]) == set(bench.TARGETS) - {"frozen_fp32_peak_mb"}  # the default model's figure
     low = res["dtype"]  # the bf16 comparison, side by side with float32 in the same run
     assert low["dtype"] == "bfloat16" and set(low["steps"]) == set(res["steps"])
     assert all(low[f"{n}_low_over_fp32_step"] > 0 and low[f"{n}_low_over_fp32_memory"] > 0 for n in res["steps"])
@@ -152,14 +153,29 @@ def test_a_size_builds_a_random_shape_and_peft_can_be_left_out(monkeypatch):
     cfg = tiny_llama().cfg
     monkeypatch.setitem(bench.SIZES, "tiny", (cfg, "tiny_llama's shape"))
     res = bench.main(["--size", "tiny", "--quick", "--repeats", "1", "--svd-size", "8", "--gemm-size", "32",
-                      "--no-peft"])
+                      "--no-peft", "--dtype", "bf16"])
     assert res["setup"]["model"] == "tiny_llama's shape" and res["setup"]["peft"] == "left out"
     assert "peft" not in res["steps"] and "ours_over_peft_step" not in res
     assert set(res["targets"]) == set(bench.TARGETS) - {"ours_over_peft_step", "ours_over_peft_memory",
                                                         "ours_over_peft_low_step", "ours_over_peft_low_memory",
-                                                        "alora_run_over_lora_run"}  # only with --alora-run
+                                                        "alora_run_over_lora_run",  # only with --alora-run
+                                                        "frozen_fp32_peak_mb"}
     assert "load" not in res["dtype"]  # a random shape: nothing to load
     assert res["frozen_step_gflop"] == bench.step_flops(tiny_llama(), 4, 64) / 1e9
+
+
+def test_memory_alone_times_nothing_and_shows_the_memory_goals(monkeypatch, capsys):
+    monkeypatch.setitem(bench.SIZES, "tiny", (tiny_llama().cfg, "tiny_llama's shape"))
+    res = bench.main(["--size", "tiny", "--memory", "--dtype", "bf16", "--batch-size", "2", "--seq-len", "8",
+                      "--no-peft"])
+    assert set(res["steps"]) == set(res["dtype"]["steps"]) == {"frozen", *methods.NAMES}
+    assert not any("median_s" in v for v in [*res["steps"].values(), *res["dtype"]["steps"].values()])
+    assert "alora_round" not in res and "gemm" not in res and "load" not in res["dtype"]
+    assert set(res["targets"]) == {f"{n}_low_over_fp32_memory" for n in ("frozen", *methods.NAMES)}
+    frozen = res["dtype"]["frozen_low_over_fp32_memory"]
+    assert frozen == res["dtype"]["steps"]["frozen"]["peak_bytes"] / res["steps"]["frozen"]["peak_bytes"]
+    line = next(line for line in capsys.readouterr().out.splitlines() if "frozen peak memory, --dtype / fp32" in line)
+    assert line.split()[-4:] == [f"{frozen:.3f}", "<=", "0.6", "met" if frozen <= 0.6 else "MISSED"]
 
 
 def test_bad_input_is_one_line_and_exit_2():

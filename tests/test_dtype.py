@@ -1,15 +1,21 @@
 """Mixed precision: a bf16 (or fp16) frozen base with float32 adapters. What must stay exact in
 every dtype, on this library's models and on checkpoints transformers itself reads and writes.
-(bf16 runs on this CPU; fp16 needs CUDA and is refused elsewhere. Resume and torchrun in bf16 are
+(bf16 runs on this CPU; fp16 needs CUDA or AVX512-FP16 and is refused elsewhere; --dtype auto is
+tested with the matmul timings and CPU flags each test sets. Resume and torchrun in bf16 are
 in test_reliability.py, the copied method files on bf16 transformers models in test_contract.py.)"""
 import copy
 import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import adapters
+import bench
+import cli
+import eval as evaluate
 import export
 import methods
 import models
@@ -115,23 +121,113 @@ def test_train_in_bf16_logs_the_choice_and_records_it(tiny_checkpoint, tmp_path,
     assert {t.dtype for t in load_file(out / "adapter.safetensors").values()} == {torch.float32}
 
 
-def test_auto_measures_this_machine_and_says_why():
-    dtype, why = models.pick_dtype("auto", "cpu")
-    assert dtype in (BF16, torch.float32) and "bf16 matmul ran" in why and "float32 rate" in why
+def timings(fp32=1.0, bf16=1.0, fp16=1.0):
+    """A stand-in for models.matmul_seconds: these seconds per dtype, whatever the device."""
+    seconds = {torch.float32: fp32, BF16: bf16, torch.float16: fp16}
+    return lambda dtype, device: seconds[dtype]
+
+
+def test_auto_measures_and_says_what_it_chose_and_why(monkeypatch):
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(models, "matmul_seconds", timings(bf16=0.25))
+    assert models.pick_dtype("auto", "cpu") == (BF16, "bf16 matmul 4.00x float32 on this CPU")
+    monkeypatch.setattr(models, "matmul_seconds", timings(bf16=1 / 0.56))
+    assert models.pick_dtype("auto", "cpu") == (
+        torch.float32, "bf16 matmul 0.56x float32 on this CPU, below the 1.3x auto asks for")
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "avx512_fp16"})
+    monkeypatch.setattr(models, "matmul_seconds", timings(bf16=1 / 0.56, fp16=1 / 1.5))
+    assert models.pick_dtype("auto", "cpu") == (
+        torch.float16, "bf16 matmul 0.56x, fp16 matmul 1.50x float32 on this CPU; fp16 trains with loss scaling")
+
+
+@settings(max_examples=100, deadline=None)
+@given(bf16=st.floats(0.1, 10), fp16=st.floats(0.1, 10), avx512_fp16=st.booleans())
+def test_auto_takes_the_fastest_low_precision_from_1_3x_float32_and_fp16_only_clearly_ahead(bf16, fp16, avx512_fp16):
+    flags = {"avx512f"} | ({"avx512_fp16"} if avx512_fp16 else set())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "cpu_flags", lambda: flags)
+        mp.setattr(models, "matmul_seconds", timings(bf16=1 / bf16, fp16=1 / fp16))
+        dtype, why = models.pick_dtype("auto", "cpu")
+    assert ("fp16 matmul" in why) == avx512_fp16 and why.startswith("bf16 matmul")
+    fp16 = fp16 if avx512_fp16 else 0.0  # not offered: never measured, never taken
+    if max(bf16, fp16) < 1.3:
+        assert dtype == torch.float32
+    else:
+        assert dtype == (torch.float16 if fp16 > 1.1 * bf16 else BF16)
+
+
+def test_a_named_dtype_is_taken_as_asked_and_fp16_only_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(models, "matmul_seconds", lambda dtype, device: pytest.fail("nothing to measure"))
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert models.pick_dtype("bf16", "cpu") == (BF16, "as asked")
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+    assert models.pick_dtype("fp32", "cpu") == (torch.float32, "as asked")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device or a CPU with AVX512-FP16"):
         models.pick_dtype("fp16", "cpu")
     with pytest.raises(ValueError, match="--dtype must be"):
         models.pick_dtype("int8", "cpu")
+    assert models.pick_dtype("auto", "meta") == (torch.float32, "no low precision is measured on meta")
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_fp16"})
+    assert models.pick_dtype("fp16", "cpu") == (torch.float16, "as asked")
 
 
-def test_fp16_on_a_cpu_is_one_sentence_and_exit_2(tiny_checkpoint, tmp_path):
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "train.py", "--model", str(tiny_checkpoint), "--dtype", "fp16",
-                        "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "fp16 needs a CUDA device" in r.stderr
+def test_matmul_seconds_times_a_real_matmul_in_each_dtype(real_matmul_seconds):
+    for dtype in (torch.float32, BF16):
+        assert 0 < real_matmul_seconds(dtype, torch.device("cpu"), repeats=1) < 60
+
+
+def test_cpu_flags_are_this_machines_words():
+    flags = models.cpu_flags()
+    assert isinstance(flags, set) and all(f and " " not in f for f in flags)
+
+
+def test_every_script_defaults_to_auto_and_says_its_choice_first(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "matmul_seconds", timings(bf16=0.5))
+    why = "bf16 matmul 2.00x float32 on this CPU"
+    run = tmp_path / "run"
+    train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--out", str(run), *FAST, "--steps", "2"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"dtype: bfloat16 for the frozen base, float32 for the adapter ({why})"
+    assert json.loads((run / "config.json").read_text())["recipe"].endswith("--dtype bf16")  # as resolved
+    evaluate.main(["--model", str(tiny_checkpoint), "--adapter", str(run), "--limit", "1", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.splitlines()[0] == f"dtype: bfloat16 ({why})"
+    export.main(["--format", "merged", "--adapter", str(run), "--model", str(tiny_checkpoint), "--out",
+                 str(tmp_path / "merged")])
+    assert capsys.readouterr().out.splitlines()[0] == f"dtype: bfloat16 ({why})"
+    assert {t.dtype for t in load_file(tmp_path / "merged" / "model.safetensors").values()} == {BF16}
+    monkeypatch.setitem(bench.SIZES, "tiny", (tiny_llama().cfg, "tiny_llama's shape"))
+    res = bench.main(["--size", "tiny", "--memory", "--batch-size", "2", "--seq-len", "8", "--no-peft"])
+    assert capsys.readouterr().out.splitlines()[0] == f"dtype: bfloat16 against float32 ({why})"
+    assert res["dtype"]["dtype"] == "bfloat16"
+    defaults = [train.parse_args(["--method", "lora"])[0], evaluate.parse_args([]), bench.parse_args([]),
+                export.parse_args(["--format", "hf", "--out", str(tmp_path / "hf")])]
+    assert [a.dtype for a in defaults] == ["auto"] * 4
+
+
+def test_fp16_where_it_is_not_native_is_one_sentence_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    model = ["--model", str(tiny_checkpoint), "--dtype", "fp16"]
+    for script, argv in ((train, ["--out", str(tmp_path / "x")]), (evaluate, ["--limit", "1"]),
+                         (export, ["--format", "hf", "--out", str(tmp_path / "x")])):
+        with pytest.raises(SystemExit) as stop:
+            cli.run(lambda: script.main([*model, *argv]))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "fp16 needs a CUDA device or a CPU with AVX512-FP16" in err, script.__name__
     assert not (tmp_path / "x").exists()
+
+
+def test_fp16_on_a_cpu_with_avx512_fp16_trains_with_a_gradient_scaler(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512f", "avx512_fp16"})
+    scaled = []
+
+    class Recorded(torch.amp.GradScaler):
+        def scale(self, outputs):
+            scaled.append(self._device)
+            return super().scale(outputs)
+    monkeypatch.setattr(torch.amp, "GradScaler", Recorded)
+    summary = train.main(["--method", "lora", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "run"), *FAST,
+                          "--steps", "3", "--dtype", "fp16"])
+    assert scaled == ["cpu"] * 3 and summary["val_loss"] > 0
 
 
 def test_the_gradient_scaler_path_unscales_before_the_hooks():

@@ -338,6 +338,7 @@ def test_system_and_device_errors_are_one_line(tmp_path, tiny_checkpoint, lora_r
     last one before the evaluation starts."""
     (tmp_path / "file").write_text("x")
     assert "--device foo" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "o"), "--device", "foo"))
+    assert "--device foo" in one_line_error(run("eval.py", "--model", str(tiny_checkpoint), "--device", "foo"))
     assert "not a directory" in one_line_error(run("train.py", *train_args(tiny_checkpoint, tmp_path / "file")))
     for target in (tmp_path, tmp_path / "file" / "rows.json"):
         r = run("eval.py", "--model", str(tiny_checkpoint), "--adapter", str(lora_run), "--limit", "1", "--json", str(target))
