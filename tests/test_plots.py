@@ -169,13 +169,15 @@ def test_runs_that_differ_only_in_seed_are_one_line_mean_and_sd(accs, other):
 def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     meta = methods.read_config(runs["lora"])
     flags = meta["recipe"]
-    assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --r 4"
+    # --dtype auto (the default) is recorded as what it resolved to: float32 in the tests
+    assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --dtype fp32 --r 4"
     assert plots.run_facts(runs["lora"], meta)["flags"] == flags  # the table shows what train.py recorded
     args, _, cfg = train.parse_args(["--method", "lora", *flags.split()])
     assert methods.config_from_dict(methods.get("lora"), meta["config"]) == cfg
     same = set(vars(args)) - train.NOT_RECIPE - set(meta["config"])
     assert {k: meta["train_args"][k] for k in same} == {k: vars(args)[k] for k in same}
-    assert methods.read_config(runs["sora"])["recipe"] == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
+    sora = methods.read_config(runs["sora"])["recipe"]
+    assert sora == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2 --dtype fp32"
 
 
 @pytest.mark.parametrize("data_flags, prompt, shown", [
