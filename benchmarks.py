@@ -265,7 +265,7 @@ def build_math(argv=None):
     and eval.py --data read; OUT must not exist or be empty."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="benchmarks.py", description=build_math.__doc__, formatter_class=cli.HelpFormatter)
+    p = argparse.ArgumentParser(prog="benchmarks.py", description=build_math.__doc__)
     p.add_argument("command", choices=["math"], help="what to build (the math split)")
     p.add_argument("clone", help=f"a clone of {LLM_ADAPTERS}")
     p.add_argument("out", help="the directory to write (train.json, test_<set>.json)")

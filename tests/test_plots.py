@@ -172,14 +172,16 @@ def test_runs_that_differ_only_in_seed_are_one_line_mean_and_sd(accs, other):
 def test_the_recorded_recipe_is_the_non_defaults_and_trains_the_same_run(runs):
     meta = adapters.read_config(runs["lora"])
     flags = meta["recipe"]
-    assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --r 4"
+    # --dtype auto (the default) is recorded as what it resolved to: float32 in the tests
+    assert flags == "--steps 6 --batch-size 2 --seq-len 512 --lr 0.01 --val-size 2 --dtype fp32 --r 4"
     assert plots.run_facts(runs["lora"], meta)["flags"] == flags  # the table shows what train.py recorded
     args, _, cfg, _ = train.parse_args(["--method", "lora", *flags.split()])
     assert adapters.config_from_dict(methods.get("lora"), meta["config"]) == cfg
     same = {f.name for f in dataclasses.fields(args) if f.metadata["recipe"]}
     assert {k: meta["train_args"][k] for k in same} == {k: getattr(args, k) for k in same}
     assert set(meta["train_args"]) == {f.name for f in dataclasses.fields(args)}  # the Config: in "config" alone
-    assert adapters.read_config(runs["sora"])["recipe"] == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2"
+    sora = adapters.read_config(runs["sora"])["recipe"]
+    assert sora == "--steps 6 --batch-size 2 --seq-len 512 --val-size 2 --dtype fp32"
 
 
 @pytest.mark.parametrize("data_flags, prompt, shown", [
