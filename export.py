@@ -39,8 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--format", choices=FORMATS, help="what to write: a PEFT adapter, a Hugging Face "
-                   "checkpoint of the model, or the model with the adapter merged (required)")
+    p.add_argument("--format", metavar="{" + ",".join(FORMATS) + "}", help="what to write: a PEFT adapter, a "
+                   "Hugging Face checkpoint of the model, or the model with the adapter merged (required)")
     p.add_argument("--out", help="the directory to write (required)")
     p.add_argument("--adapter", help="an adapter directory written by train.py (required by peft and merged)")
     p.add_argument("--model", default=None, help="a .gguf file or HF checkpoint directory (default: SmolLM2-135M-Instruct)")
