@@ -55,7 +55,8 @@ def parse_args(argv):
     p.add_argument("--no-base", action="store_true", help="skip the base model's row")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="the longest answer (default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on commonsense)")
+                   help="the longest answer (default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on "
+                   "commonsense)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto", help="the model's dtype; adapters "
@@ -65,7 +66,8 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="also write the rows to this file (default: no file)")
     p.add_argument("--markdown", action="store_true", help="also print the rows as the README's results table")
     p.add_argument("--plot", default=None, metavar="DIR",
-                   help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB}; default: evaluate)")
+                   help=f"write the adapters' figures into DIR instead of evaluating (needs {plots.MATPLOTLIB}; "
+                   "default: evaluate)")
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = benchmarks.default_max_new_tokens(args.data, args.task)
