@@ -414,8 +414,10 @@ def test_a_method_file_copied_alone_runs_its_usage_block_on_transformers_llama_a
 # ----------------------------------------------------------------------------- the README's snippets
 
 def readme_blocks():
+    """The README's own-loop snippet, then docs/trainer.md's callback."""
     readme = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", readme[readme.index("## Use a method in your own loop"):], re.S)
+    loop = re.search(r"```python\n(.*?)```", readme[readme.index("## Use a method in your own loop"):], re.S)[1]
+    return [loop, re.search(r"```python\n(.*?)```", (ROOT / "docs" / "trainer.md").read_text(), re.S)[1]]
 
 
 def tiny_hf(kind, path=None, seed=0):
@@ -460,12 +462,12 @@ def test_the_readme_loop_runs_unchanged_for_every_method_and_its_saved_adapter_l
 
 
 def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, record, cfg=None, save_steps=None):
-    """The README's MethodHooks under transformers' Trainer; `record` sees each after_backward's
+    """docs/trainer.md's MethodHooks under transformers' Trainer; `record` sees each after_backward's
     adapter gradients (penalty included) before the clipping."""
     from transformers import Trainer, TrainingArguments
     method = methods.get(name)
     scope = {"torch": torch, "method": method}
-    exec(readme_blocks()[1], scope)  # noqa: S102 - our own README
+    exec(readme_blocks()[1], scope)  # noqa: S102 - our own docs
     model = tiny_hf(kind)
     method.apply(model, method.Config(**{**CONFIGS[name], "dropout": 0.0, **(cfg or {})}))
     spy = types.SimpleNamespace(**{k: getattr(method, k) for k in dir(method) if not k.startswith("_")})
@@ -521,7 +523,7 @@ def test_the_readme_trainer_callback_saves_an_adapter_that_loads_and_save_pretra
         model.save_pretrained(tmp_path / "pretrained")
         reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained")(input_ids=probe).logits
     assert (tmp_path / "run/checkpoint-2/adapter.safetensors").exists()
-    torch.testing.assert_close(reloaded, base)  # what the README warns of: the adapter is gone
+    torch.testing.assert_close(reloaded, base)  # what docs/trainer.md warns of: the adapter is gone
     assert not torch.equal(trained, base)
 
 
