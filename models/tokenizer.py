@@ -831,16 +831,16 @@ SP_ADDED = (2, 3, 4)  # sentencepiece_model.proto's SentencePiece.Type: UNKNOWN,
 
 
 def read_sentencepiece_model(model_file):
-    """(pieces [(piece, type)], trainer {field: value}, normalizer name) of a SentencePiece
+    """(pieces [(piece, type)], trainer {field number: value}, normalizer name) of a SentencePiece
     ModelProto: its pieces (field 1: piece 1, type 3), trainer_spec (2) and normalizer_spec (3)."""
     pieces, trainer, normalizer = [], {}, "identity"
-    for field, value in protobuf_fields(Path(model_file).read_bytes()):
-        if field == 1:
+    for number, value in protobuf_fields(Path(model_file).read_bytes()):
+        if number == 1:
             parts = dict(protobuf_fields(value))
             pieces.append((parts.get(1, b"").decode("utf-8"), parts.get(3, 1)))
-        elif field == 2:
+        elif number == 2:
             trainer = dict(protobuf_fields(value))
-        elif field == 3:
+        elif number == 3:
             normalizer = dict(protobuf_fields(value)).get(1, b"identity").decode("utf-8")
     return pieces, trainer, normalizer
 

@@ -22,7 +22,7 @@ import models
 import train
 import training
 from conftest import tiny_gpt, tiny_llama
-from helpers import CONFIGS, FAST, ROOT, batch, run_steps
+from helpers import CONFIGS, FAST, batch, run_steps
 
 BF16 = torch.bfloat16
 

@@ -1,14 +1,11 @@
 """Mo-SARA: frozen singular vectors, routed singular-value heads, v = 0 at init, m = 1 is a LoRA."""
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
-from conftest import drive, tiny_gpt, tiny_llama
+from conftest import drive, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
 from methods import mosara
 
 FAST = settings(max_examples=30, deadline=None)

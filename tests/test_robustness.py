@@ -23,7 +23,6 @@ import adapters
 import benchmarks
 import cli
 import data
-import eval as evaluate
 import export
 import files
 import methods

@@ -1,15 +1,13 @@
 """SARA: Algorithm 1's k, the U diag(lam) V adapter, its inits, merge and to_lora."""
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import drive, tiny_gpt, tiny_llama
+from conftest import drive, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import methods
 from methods import sara
 
 FAST = settings(max_examples=40, deadline=None)
