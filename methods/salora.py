@@ -421,8 +421,8 @@ def harden(model):
     B each) fit in target_density of the adapter's; the others close."""
     cfg, mods = config(model), list(layers(model).values())
     logalpha = torch.cat([m.lora_logalpha for m in mods])
-    sizes = torch.cat([torch.full((m.cfg.rmax,), float(m.in_features + m.out_features), device=logalpha.device)
-                       for m in mods])
+    sizes = torch.cat([torch.full((m.cfg.rmax,), m.in_features + m.out_features, dtype=torch.float64,
+                                  device=logalpha.device) for m in mods])  # float64: the budget exactly
     order = logalpha.argsort(descending=True, stable=True)
     fits = sizes[order].cumsum(0) <= cfg.target_density * sizes.sum()
     likely = expected_l0(logalpha[order], cfg.temperature) >= 0.5
