@@ -4,6 +4,7 @@
 # prints the table rows.
 #
 #   bash results.sh               # the built-in task, 3 seeds, bf16: ~100 min of training, ~25 min of evaluation on 2 CPU cores
+#   bash results.sh long          # the built-in task at 600 steps (4x), seed 0: LoRA r=8 and r=16, Mo-SARA, SoRA, SaLoRA
 #   bash results.sh math          # SARA's Table 1 at small scale: 40 steps on its math split, 20 problems per set
 #   bash results.sh commonsense   # SARA's Table 2 at small scale: 40 per task to train on, 25 per task to test
 #   bash results.sh shakespeare   # LoRA, 200 steps on 33 plays: perplexity on 4 held-out plays, before and after
@@ -22,6 +23,10 @@ case "$bench" in
         seeds=${SEEDS:-0 1 2}
         train=(--dtype bf16)
         test=(--limit 200 --dtype bf16) ;;
+    long)
+        out=out/results-600
+        train=(--dtype bf16 --steps 600)
+        test=(--limit 200 --dtype bf16) ;;
     math)
         if [ -z "${MATH_DATA:-}" ]; then
             echo "bash results.sh math needs MATH_DATA=DIR, a directory in LLM-Adapters' layout (train.json, test_<set>.json)" >&2
@@ -39,7 +44,7 @@ case "$bench" in
         train=(--task shakespeare --steps 200)
         test=(--task shakespeare --limit 20) ;;
     *)
-        echo "usage: bash results.sh [builtin|math|commonsense|shakespeare]" >&2
+        echo "usage: bash results.sh [builtin|long|math|commonsense|shakespeare]" >&2
         exit 2 ;;
 esac
 names=()
@@ -53,7 +58,12 @@ run() {  # run NAME TRAIN_FLAGS...: this seed's run, into NAME-sSEED when there 
 }
 for seed in $seeds; do  # every row once before any row twice: a stopped script has whole seeds
     run lora --method lora
-    if [ "$bench" != shakespeare ]; then  # perplexity before and after needs one adapter
+    if [ "$bench" = long ]; then  # the run-length check: the methods whose gates travel, and their LoRAs
+        run lora16 --method lora --r 16 --alpha 32
+        run mosara --method mosara
+        run sora --method sora
+        run salora --method salora
+    elif [ "$bench" != shakespeare ]; then  # perplexity before and after needs one adapter
         [ "$bench" != builtin ] || run lora16 --method lora --r 16 --alpha 32
         run sara --method sara
         run mosara --method mosara  # at its TRAINING lr, 3e-2

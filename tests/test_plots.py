@@ -196,7 +196,7 @@ def test_the_recipe_holds_only_flags_that_are_not_defaults_for_this_data_and_len
     assert training.recipe(args, cfg, plain) == shown
 
 
-@pytest.mark.parametrize("bench", ["builtin", "math", "commonsense", "shakespeare"])
+@pytest.mark.parametrize("bench", ["builtin", "long", "math", "commonsense", "shakespeare"])
 def test_results_sh_gives_the_clis_flags_they_accept(bench, tmp_path):
     """Every train.py and eval.py call of `bash results.sh BENCH`, recorded by a stand-in `python`."""
     (tmp_path / "bin").mkdir()
@@ -209,11 +209,12 @@ def test_results_sh_gives_the_clis_flags_they_accept(bench, tmp_path):
     subprocess.run(["bash", str(tmp_path / "results.sh"), bench], env=env, check=True)
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     *trains, last = calls
-    assert len(trains) == (3 * 8 if bench == "builtin" else 1 if bench == "shakespeare" else 7)  # builtin: 3 seeds
+    assert len(trains) == {"builtin": 3 * 8, "long": 5, "shakespeare": 1}.get(bench, 7)  # builtin: 3 seeds
     assert len({argv[argv.index("--out") + 1] for argv in trains}) == len(trains)  # a directory each
     for argv in trains:
         assert argv[0] == "train.py"
         train.parse_args(argv[1:])
+        assert ("--steps" in argv) == (bench in ("long", "math", "commonsense", "shakespeare"))
     assert last[0] == "eval.py"
     at = last.index("--adapter")
     dirs = last[at + 1:at + 1 + len(trains)]
