@@ -16,7 +16,6 @@ import heapq
 import importlib.util
 import itertools
 import json
-import math
 import operator
 import re
 import unicodedata
@@ -390,6 +389,7 @@ def from_llama3_model(model_file, template=None, names=None):
 SPACE = "▁"  # SentencePiece's stand-in for a space
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Rust's char::is_whitespace
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+NO_MERGE = 1 << 62  # a pair's rank when no merge joins it: above every rank * 2^32 + id
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # transformers 5 rebuilds their pipeline (llama_pipeline)
 
 
@@ -400,13 +400,14 @@ class SentencePieceBPE:
     merged: starting from its characters (a character outside the vocabulary becomes its UTF-8
     byte tokens <0xNN> with byte_fallback, else <unk>), the adjacent pair with the lowest merge rank,
     the leftmost of equals, merges until none is left. Words are cached, so common text costs a
-    dict lookup per word.
+    dict lookup per word, done in C for a whole run (encode_run).
 
     `tokenizers` merges a whole run when no pre-tokenizer splits it (Llama 2's tokenizer.json), so
     words here are cut only where no merge can cross: between two characters that no token holds
     side by side (a merge makes a token, so none joins them), the second one in the vocabulary (a
     waiting <unk> goes no further). Runs are cut so before a '▁' by a regex, and a word missing
-    from the cache again into pieces, each merged alone and cached: the same tokens as the run's."""
+    from the cache again into pieces, each merged alone and cached: the same tokens as the run's.
+    Merges track ids only; where a token starts is found afterwards (starts()), for chat text."""
 
     def __init__(self, name, model, added, normalizer, metaspace, decoder, llama_class=False):
         """model: tokenizer.json's "model"; added: its added_tokens; normalizer: ("prepend", s) and
@@ -435,7 +436,8 @@ class SentencePieceBPE:
         self.split_re = re.compile(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+")
         self.bigrams = self.joins()
         self.cut = self.cut_before_space()
-        self.cache = {}
+        self.whole = self.ignore_merges and self.split  # a word of the vocabulary is its token
+        self.cache = {}  # word or piece -> its ids
 
     def joins(self):
         """The pairs of adjacent characters some token holds (the only places a merge can join
@@ -447,11 +449,14 @@ class SentencePieceBPE:
         return {t[i:i + 2] for t in self.vocab for i in range(len(t) - 1)}
 
     def cut_before_space(self):
-        """The regex that cuts a run before each '▁' no token joins to the character before it, or None."""
+        """The regex whose matches are a run cut before each '▁' no token joins to the character
+        before it (a word: '▁'s, other characters, and again '▁'s where one of `before` precedes
+        them ...), or None."""
         if self.bigrams is None or SPACE not in self.vocab:
             return None
-        before = {a for a, b in self.bigrams if b == SPACE and a != SPACE}
-        return re.compile(f"(?<=[^{re.escape(SPACE + ''.join(sorted(before)))}])(?={SPACE})")
+        before = "".join(sorted({re.escape(a) for a, b in self.bigrams if b == SPACE and a != SPACE}))
+        more = f"(?:(?<=[{before}]){SPACE}+[^{SPACE}]*)*" if before else ""
+        return re.compile(f"{SPACE}+[^{SPACE}]*{more}|[^{SPACE}]+{more}")
 
     def pieces(self, word):
         """`word` cut between each two characters no token holds together, where the second is
@@ -485,7 +490,7 @@ class SentencePieceBPE:
         """The words of a normalized run."""
         if self.split:  # Metaspace's split: each '▁' starts a word
             return self.split_re.findall(text)
-        return self.cut.split(text) if self.cut else [text]
+        return self.cut.findall(text) if self.cut else [text]
 
     def symbols(self, word):
         """(id, index of its character) of each character of `word`, as `tokenizers` starts a word:
@@ -514,36 +519,30 @@ class SentencePieceBPE:
         return out + [unk] if unk else out
 
     def bpe(self, word):
-        """(ids, starts) of one word: the merges as `tokenizers`' Word::merge_all makes them, which
-        is always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
+        """The ids of one word: the merges as `tokenizers`' Word::merge_all makes them, which is
+        always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
         ids = list(map(self.vocab.get, word))
         if None in ids:
-            ids, starts = map(list, zip(*self.symbols(word))) if word else ([], [])
-        else:
-            starts = list(range(len(word)))
-        merge = self.merge_short if len(ids) <= 256 else self.merge_heap
-        return merge(ids, starts) if ids else ((), ())
+            ids = [t for t, _ in self.symbols(word)]
+        return self.merge_short(ids) if len(ids) <= 256 else self.merge_heap(ids)
 
-    def merge_short(self, ids, starts):
+    def merge_short(self, ids):
         """bpe's merges on a short word: the ranks of its adjacent pairs in a list that each merge
         updates, the lowest found by min() (quadratic in the length, but in C). A pair is keyed
         left * n_vocab + right, and its rank * 2^32 + merged id sorts as its rank."""
-        pairs, v, none = self.pairs, self.n_vocab, math.inf
-        ranks = [pairs.get(a * v + b, none) for a, b in zip(ids, ids[1:])]
-        while ranks:
-            best = min(ranks)
-            if best == none:
-                break
+        get, v = self.pairs.get, self.n_vocab
+        ranks = [get(a * v + b, NO_MERGE) for a, b in zip(ids, ids[1:])]
+        while ranks and (best := min(ranks)) != NO_MERGE:
             i = ranks.index(best)  # the leftmost
-            ids[i:i + 2] = [best & 0xFFFFFFFF]
-            del starts[i + 1], ranks[i]
+            ids[i] = new = best & 0xFFFFFFFF
+            del ids[i + 1], ranks[i]
             if i < len(ranks):
-                ranks[i] = pairs.get(ids[i] * v + ids[i + 1], none)
-            if i > 0:
-                ranks[i - 1] = pairs.get(ids[i - 1] * v + ids[i], none)
-        return tuple(ids), tuple(starts)
+                ranks[i] = get(new * v + ids[i + 1], NO_MERGE)
+            if i:
+                ranks[i - 1] = get(ids[i - 1] * v + new, NO_MERGE)
+        return tuple(ids)
 
-    def merge_heap(self, ids, starts):
+    def merge_heap(self, ids):
         """bpe's merges on a long word as `tokenizers` makes them: a heap of (rank, position)."""
         n, merges = len(ids), self.merges
         nxt, prv = list(range(1, n)) + [-1], list(range(-1, n - 1))
@@ -561,53 +560,61 @@ class SentencePieceBPE:
             for a, b in ((prv[i], i), (i, k)):
                 if a >= 0 and b >= 0 and (m := merges.get((ids[a], ids[b]))):
                     heapq.heappush(heap, (m[0], a, m[1]))
-        keep = [i for i in range(n) if ids[i] is not None]
-        return tuple(ids[i] for i in keep), tuple(starts[i] for i in keep)
+        return tuple(t for t in ids if t is not None)
+
+    def learn(self, words):
+        """Cache the ids of `words` (a set, none of them cached): those of their pieces (pieces()),
+        each merged alone and cached too; with ignore_merges and split, a word of the vocabulary is
+        its token. In bulk, so a text's new words cost little beyond their merges."""
+        cache = self.cache
+        if self.whole:  # no pieces: a piece in the vocabulary may merge into other tokens than itself
+            cache.update((w, (self.vocab[w],) if w in self.vocab else self.bpe(w)) for w in words)
+            return
+        pieces = {w: self.pieces(w) for w in words}
+        for p in set(itertools.chain.from_iterable(pieces.values())).difference(cache):
+            cache[p] = self.bpe(p)
+        for w, ps in pieces.items():
+            if len(ps) > 1:
+                cache[w] = tuple(itertools.chain.from_iterable(map(cache.__getitem__, ps)))
 
     def word(self, w):
-        """The (ids, starts) of a word, cached (the cache is emptied when it holds 2^17 words):
-        those of its pieces (pieces()), each merged alone and cached too."""
-        hit = self.cache.get(w)
-        if hit is None:
-            if len(self.cache) >= 1 << 17:
-                self.cache.clear()
-            pieces = self.pieces(w)
-            if len(pieces) == 1:
-                hit = self.bpe(w)
-            else:
-                ids, starts, at = [], [], 0
-                for p in pieces:
-                    got, where = self.cache.get(p) or self.cache.setdefault(p, self.bpe(p))
-                    ids += got
-                    starts += [at + s for s in where]
-                    at += len(p)
-                hit = tuple(ids), tuple(starts)
-            self.cache[w] = hit
-        return hit
+        """The ids of a word (learn())."""
+        if w not in self.cache:
+            self.learn({w})
+        return self.cache[w]
 
-    def whole_word(self, w):
-        """word(w), but a word of the vocabulary is its token (ignore_merges)."""
-        return ((self.vocab[w],), (0,)) if w in self.vocab else self.word(w)
+    def starts(self, word, ids):
+        """The index in `word` of the first character of each of its tokens `ids`: a token spells
+        the symbols (symbols()) it merged, one after another, so it takes as many as its length needs."""
+        symbols, out, k = self.symbols(word), [], 0
+        for t in ids:
+            out.append(symbols[k][1])
+            n = len(self.tokens[t])
+            while n > 0:
+                n -= len(self.tokens[symbols[k][0]])
+                k += 1
+        return out
 
     def encode_run(self, run, first, offsets=False):
         """ids of a run of text holding no added token (with `offsets`: and the index in `run` of
-        each token's first character; a '▁' put before the run counts as its first character)."""
+        each token's first character; a '▁' put before the run counts as its first character). The
+        cache is emptied when it holds 2^17 words, before a run: a run's words stay in it."""
         if not run:
             return ([], []) if offsets else []
         text, n = self.normalize(run, first)
         if self.ignore_merges and not self.split and text in self.vocab:
             return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
-        word = self.whole_word if self.ignore_merges and self.split else self.word
-        if not offsets and word == self.word:  # the cache looked up inline: most words are there
-            hit = self.cache.get
-            return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
+        if len(self.cache) >= 1 << 17:
+            self.cache.clear()
+        words = self.words(text)
         if not offsets:
-            return [t for w in self.words(text) for t in word(w)[0]]
+            self.learn(set(words).difference(self.cache))
+            return list(itertools.chain.from_iterable(map(self.cache.__getitem__, words)))
         ids, starts, at = [], [], 0
-        for w in self.words(text):
-            got, where = word(w)
+        for w in words:
+            got = self.word(w)
             ids += got
-            starts += [max(at + s - n, 0) for s in where]
+            starts += [max(at + s - n, 0) for s in self.starts(w, got)]
             at += len(w)
         return ids, starts
 
