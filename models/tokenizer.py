@@ -70,6 +70,22 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    def turn_end(self):
+        """The special token the checkpoint's chat template writes right after an assistant's
+        message, whitespace between allowed (Phi-3's <|end|>, Mistral's </s>), or None where it
+        writes none or cannot render: where the model ends its turn."""
+        mark = "\ue001"  # a private-use character, as PLAIN: no template writes it
+        try:
+            text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+        except ValueError:
+            return None
+        after = text.partition(mark)[2].lstrip()
+        return next((t for t in self.plain[1:] if after.startswith(t)), None)
+
+    def add_stops(self, ids):
+        """More ids that end generation (the checkpoint's end-of-sequence and end-of-turn ids), after those found."""
+        self.stop += [i for i in dict.fromkeys(ids) if i not in self.stop]
+
     def special(self, name):
         return self.enc.encode_single_token(name)
 
@@ -208,6 +224,8 @@ def byte_decoder():
 def from_vocab(name, vocab, specials, pattern, template=None, names=None):
     """vocab: byte-level token string -> id; specials: special token string -> id."""
     dec = byte_decoder()
+    check_ids(vocab.items())  # else tiktoken panics (a BaseException)
+    check_specials(specials, lambda t: len(t) == 1 and t in dec)
     ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in specials}
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     tok = with_chat(enc, template, names)
@@ -229,23 +247,95 @@ def with_chat(enc, template=None, names=None, kind=Tokenizer):
         chat, system, ends = None, None, ["<|endoftext|>", "</s>", "<|end_of_text|>"]
     ends.append(names.get("eos_token"))
     stop = [enc.encode_single_token(t) for t in dict.fromkeys(ends) if t in sp]
-    return kind(enc, chat, system, stop, template=template, names=names)
+    tok = kind(enc, chat, system, stop, template=template, names=names)
+    end = tok.turn_end() if chat is None and template else None
+    if end is not None:  # first: what training appends to a response
+        tok.stop = [enc.encode_single_token(end), *(i for i in stop if i != enc.encode_single_token(end))]
+    return tok
+
+
+def check_specials(specials, is_byte):
+    """Refuses a special token (string -> id) that is the token of a byte (`is_byte`): text needs
+    that byte, and as a special token it would never be spelt."""
+    for t, i in specials.items():
+        if is_byte(t):
+            raise ValueError(f"its special token {t!r} (id {i}) is the token of a byte, which text needs")
+
+
+def check_ids(pairs):
+    """Refuses a vocabulary (token string, id pairs: its tokens and its added tokens) that gives one
+    id to two different tokens: which one the id stands for would be a guess."""
+    seen = {}
+    for t, i in pairs:
+        if seen.setdefault(i, t) != t:
+            raise ValueError(f"it gives id {i} to two tokens, {seen[i]!r} and {t!r}")
+
+
+def gguf_list(fields, key, n):
+    """The GGUF tokenizer list `key`, checked to hold one entry per token (n)."""
+    values = fields[f"tokenizer.ggml.{key}"]
+    if len(values) != n:
+        raise ValueError(f"its {key} list has {len(values)} entries for {n} tokens")
+    return values
 
 
 def from_gguf(fields):
-    """fields: the GGUF key -> value metadata (already decoded to Python values)."""
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} is not "
-                         "byte-level BPE ('gpt2'); only that kind can be read into tiktoken")
-    pre = fields.get("tokenizer.ggml.pre", "gpt2")
-    if pre not in PATTERNS:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+    """fields: the GGUF key -> value metadata (already decoded to Python values). Byte-level BPE
+    ("gpt2") runs in tiktoken, SentencePiece BPE ("llama") as SentencePieceBPE."""
+    tokens = fields["tokenizer.ggml.tokens"]
+    try:
+        return gguf_tokenizer(fields, tokens, gguf_list(fields, "token_type", len(tokens)))
+    except ValueError as e:
+        raise ValueError(f"the GGUF tokenizer cannot be read: {e}") from None
+
+
+def gguf_tokenizer(fields, tokens, types):
+    """from_gguf's tokenizer of its (checked) tokens and token types; every end-of-sequence, end-of-turn
+    and end-of-message id the file names stops generation."""
+    model = fields.get("tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise ValueError(f"its model {model!r} is neither byte-level BPE ('gpt2') nor SentencePiece BPE ('llama')")
+    is_byte = BYTE_TOKEN.fullmatch if model == "llama" else lambda t: len(t) == 1 and t in byte_decoder()
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom"):  # llama.cpp's names for these ids
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ValueError(f"its {key} token id {i} is not one of its {len(tokens)} tokens")
+        if i is not None:
+            check_specials({tokens[i]: i}, is_byte)
+            ids[key] = i
+    names = {f"{k}_token": tokens[ids[k]] for k in ("bos", "eos") if k in ids}
+    if model == "llama":
+        tok = gguf_sentencepiece(fields, tokens, types, names)
+    else:
+        pre = fields.get("tokenizer.ggml.pre", "gpt2")
+        if pre not in PATTERNS:
+            raise ValueError(f"its pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
+        specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
+    tok.add_stops(ids[k] for k in ("eos", "eot", "eom") if k in ids)
+    return tok
+
+
+def gguf_sentencepiece(fields, tokens, types, names):
+    """A SentencePieceTokenizer of a GGUF SentencePiece BPE vocabulary (Llama 2, Mistral 7B,
+    TinyLlama), read as transformers reads such a file: LlamaTokenizer's pipeline; the merges the
+    file lists, else every split of a piece into two pieces, the best-scored piece first (as
+    llama.cpp merges: the pair whose merged piece scores best); the unknown, control and
+    user-defined tokens as added tokens; BOS first unless add_bos_token says not."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    names = {f"{k}_token": tokens[fields[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos")
-             if f"tokenizer.ggml.{k}_token_id" in fields}
-    return from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
+    if "tokenizer.ggml.merges" in fields:
+        merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
+    else:
+        merges = sentencepiece_merges(vocab, dict(zip(tokens, gguf_list(fields, "scores", len(tokens)))))
+    added = [{"id": i, "content": t} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in SP_ADDED]
+    enc = SentencePieceBPE("gguf-llama", {"vocab": vocab, "merges": merges}, added, *llama_pipeline({}),
+                           llama_class=True)
+    tok = with_chat(enc, fields.get("tokenizer.chat_template"), names, SentencePieceTokenizer)
+    bos = names.get("bos_token")
+    tok.bos = [vocab[bos]] if bos is not None and fields.get("tokenizer.ggml.add_bos_token", True) else []
+    return tok
 
 
 def hf_pattern(pre):
@@ -316,7 +406,21 @@ def from_hf_dir(path):
     tok = from_hf_files(path, config, template, names)
     if tok is not None:
         tok.template_from = str(source)
+        tok.add_stops(generation_eos(path, tok.enc.n_vocab))
     return tok
+
+
+def generation_eos(path, n_vocab):
+    """The ids a checkpoint's generation_config.json ends generation at (eos_token_id: an id or a
+    list of them, Phi-3's end of text, its assistant's header and its end of turn), [] without one."""
+    file = path / "generation_config.json"
+    config = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(type(i) is int and 0 <= i < n_vocab for i in ids):
+        raise ValueError(f"{file}: its eos_token_id {eos!r} is not one of the tokenizer's {n_vocab} ids, "
+                         "nor a list of them")
+    return ids
 
 
 def from_hf_files(path, config, template, names):
@@ -326,7 +430,10 @@ def from_hf_files(path, config, template, names):
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
-        return from_vocab(path.name, vocab, specials, GPT2_PAT, template, names)
+        try:
+            return from_vocab(path.name, vocab, specials, GPT2_PAT, template, names)
+        except ValueError as e:
+            raise ValueError(f"{path / 'vocab.json'} cannot be read: {e}") from None
     if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
         model_file = path / "tokenizer.model"
         model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
@@ -358,7 +465,10 @@ def from_tokenizer_json(file, config, template, names):
     vocab = dict(tj["model"]["vocab"])
     specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     vocab.update(specials)
-    tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
+    try:
+        tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
+    except ValueError as e:
+        raise ValueError(f"{file} cannot be read: {e}") from None
     tok.normalize = (tj.get("normalizer") or {}).get("type")
     tok.bos = post_processor_bos(tj.get("post_processor"))
     return tok
@@ -425,6 +535,7 @@ class SentencePieceBPE:
             a, b = m.split(" ") if isinstance(m, str) else m
             self.merges[self.vocab[a], self.vocab[b]] = (rank, self.vocab[a + b])
         self.added = {t["content"]: t["id"] for t in added}
+        check_ids([*self.vocab.items(), *self.added.items()])
         self.lstrip = {t["id"] for t in added if t.get("lstrip")}
         self.rstrip = {t["id"] for t in added if t.get("rstrip")}
         self.tokens = {i: t for t, i in self.vocab.items()} | {i: t for t, i in self.added.items()}
@@ -637,6 +748,13 @@ class SentencePieceBPE:
             out.append((text[start:stop], tid))
             at = stop
         return out + [(text[at:], None)] if at < len(text) else out
+
+    def decode_single_token_bytes(self, token):
+        """The bytes one token stands for, as a stream of tokens writes them: a byte token its byte,
+        a '▁' a space (the Strip of a text's first space is the whole decode's)."""
+        t = self.tokens[token]
+        m = BYTE_TOKEN.fullmatch(t)
+        return bytes([int(m.group(1), 16)]) if m else t.replace(SPACE, " ").encode("utf-8")
 
     def encode_single_token(self, token):
         if token in self.added:
@@ -852,15 +970,16 @@ def read_sentencepiece_model(model_file):
     return pieces, trainer, normalizer
 
 
-def sentencepiece_merges(vocab):
+def sentencepiece_merges(vocab, scores=None):
     """The merges transformers 5 makes of a SentencePiece BPE vocabulary (generate_merges): every
     split of a piece into two pieces, in the order of the piece's id, then the left part's and the
-    right part's length, then their ids."""
+    right part's length, then their ids; with `scores` (piece -> score, a GGUF file's): the best
+    score first, then the longer left part, then the longer right part, then their ids."""
     merges = []
-    for piece, i in vocab.items():
+    for piece, key in (scores or vocab).items():
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += [(i, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
-    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
+        merges += [(key, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=scores is not None)  # stable: ids stay in order
     return [(a, b) for _, a, b in merges]
 
 
