@@ -291,7 +291,8 @@ def from_gguf(fields):
 
 def gguf_tokenizer(fields, tokens, types):
     """from_gguf's tokenizer of its (checked) tokens and token types; every end-of-sequence, end-of-turn
-    and end-of-message id the file names stops generation."""
+    and end-of-message id the file names stops generation, and its BOS goes first where add_bos_token
+    says (absent: a SentencePiece vocabulary's yes, a byte-level one's no, as llama.cpp and transformers read it)."""
     model = fields.get("tokenizer.ggml.model")
     if model not in ("gpt2", "llama"):
         raise ValueError(f"its model {model!r} is neither byte-level BPE ('gpt2') nor SentencePiece BPE ('llama')")
@@ -315,6 +316,8 @@ def gguf_tokenizer(fields, tokens, types):
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
     tok.add_stops(ids[k] for k in ("eos", "eot", "eom") if k in ids)
+    if "bos" in ids and fields.get("tokenizer.ggml.add_bos_token", model == "llama"):  # llama.cpp's default
+        tok.bos = [ids["bos"]]
     return tok
 
 
@@ -323,7 +326,7 @@ def gguf_sentencepiece(fields, tokens, types, names):
     TinyLlama), read as transformers reads such a file: LlamaTokenizer's pipeline; the merges the
     file lists, else every split of a piece into two pieces, the best-scored piece first (as
     llama.cpp merges: the pair whose merged piece scores best); the unknown, control and
-    user-defined tokens as added tokens; BOS first unless add_bos_token says not."""
+    user-defined tokens as added tokens."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in fields:
         merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
@@ -332,10 +335,7 @@ def gguf_sentencepiece(fields, tokens, types, names):
     added = [{"id": i, "content": t} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in SP_ADDED]
     enc = SentencePieceBPE("gguf-llama", {"vocab": vocab, "merges": merges}, added, *llama_pipeline({}),
                            llama_class=True)
-    tok = with_chat(enc, fields.get("tokenizer.chat_template"), names, SentencePieceTokenizer)
-    bos = names.get("bos_token")
-    tok.bos = [vocab[bos]] if bos is not None and fields.get("tokenizer.ggml.add_bos_token", True) else []
-    return tok
+    return with_chat(enc, fields.get("tokenizer.chat_template"), names, SentencePieceTokenizer)
 
 
 def hf_pattern(pre):
