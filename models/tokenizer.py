@@ -250,7 +250,8 @@ def with_chat(enc, template=None, names=None, kind=Tokenizer):
     tok = kind(enc, chat, system, stop, template=template, names=names)
     end = tok.turn_end() if chat is None and template else None
     if end is not None:  # first: what training appends to a response
-        tok.stop = [enc.encode_single_token(end), *(i for i in stop if i != enc.encode_single_token(end))]
+        first = enc.encode_single_token(end)
+        tok.stop = [first, *(i for i in stop if i != first)]
     return tok
 
 
