@@ -286,10 +286,17 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "### Instruction:\n{question}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
+def document(tok, text):
+    """Token ids of a text that starts a sequence: the BOS the model expects (Llama 2's <s>, where
+    its tokenizer adds one), then the text, as transformers tokenizes it with add_special_tokens."""
+    return tok.bos + tok.encode(text)
+
+
 def prompt(tok, ex, style="chat"):
-    """Token ids of the prompt that ends where the response starts."""
+    """Token ids of the prompt that ends where the response starts. A chat prompt is the model's
+    chat format, which holds the BOS where the model expects one."""
     if style == "alpaca":
-        return tok.encode((ALPACA_INPUT if ex.input else ALPACA).format(question=ex.question, input=ex.input))
+        return document(tok, (ALPACA_INPUT if ex.input else ALPACA).format(question=ex.question, input=ex.input))
     if style != "chat":
         raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPTS)}")
     return tok.prompt(ex.question + (f"\n\n{ex.input}" if ex.input else ""))
@@ -356,7 +363,7 @@ def encode_all(tok, items, seq_len, style="chat"):
     encoded = []
     for it in items:
         if isinstance(it, str):
-            encoded += windows(tok.encode(it), seq_len)
+            encoded += windows(document(tok, it), seq_len)
             continue
         if isinstance(it, Chat) and style != "chat":
             raise DataError(f"chat messages are rendered in the model's chat format: drop --prompt {style}")
@@ -377,8 +384,8 @@ def windows(ids, seq_len):
 
 def chunks(tok, texts, seq_len):
     """Plain text as (ids, targets) pairs like encode's, with no prompt: windows() of each text
-    (none crosses two texts)."""
-    out = [pair for text in texts for pair in windows(tok.encode(text), seq_len)]
+    (none crosses two texts), each text starting with the BOS the model expects (document())."""
+    out = [pair for text in texts for pair in windows(document(tok, text), seq_len)]
     if not out:
         raise DataError("the text holds fewer than two tokens")
     return out

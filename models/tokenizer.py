@@ -16,7 +16,6 @@ import heapq
 import importlib.util
 import itertools
 import json
-import math
 import operator
 import re
 import unicodedata
@@ -70,6 +69,22 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(ids)
+
+    def turn_end(self):
+        """The special token the checkpoint's chat template writes right after an assistant's
+        message, whitespace between allowed (Phi-3's <|end|>, Mistral's </s>), or None where it
+        writes none or cannot render: where the model ends its turn."""
+        mark = "\ue001"  # a private-use character, as PLAIN: no template writes it
+        try:
+            text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+        except ValueError:
+            return None
+        after = text.partition(mark)[2].lstrip()
+        return next((t for t in self.plain[1:] if after.startswith(t)), None)
+
+    def add_stops(self, ids):
+        """More ids that end generation (the checkpoint's end-of-sequence and end-of-turn ids), after those found."""
+        self.stop += [i for i in dict.fromkeys(ids) if i not in self.stop]
 
     def special(self, name):
         return self.enc.encode_single_token(name)
@@ -209,6 +224,8 @@ def byte_decoder():
 def from_vocab(name, vocab, specials, pattern, template=None, names=None):
     """vocab: byte-level token string -> id; specials: special token string -> id."""
     dec = byte_decoder()
+    check_ids(vocab.items())  # else tiktoken panics (a BaseException)
+    check_specials(specials, lambda t: len(t) == 1 and t in dec)
     ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in specials}
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     tok = with_chat(enc, template, names)
@@ -230,23 +247,96 @@ def with_chat(enc, template=None, names=None, kind=Tokenizer):
         chat, system, ends = None, None, ["<|endoftext|>", "</s>", "<|end_of_text|>"]
     ends.append(names.get("eos_token"))
     stop = [enc.encode_single_token(t) for t in dict.fromkeys(ends) if t in sp]
-    return kind(enc, chat, system, stop, template=template, names=names)
+    tok = kind(enc, chat, system, stop, template=template, names=names)
+    end = tok.turn_end() if chat is None and template else None
+    if end is not None:  # first: what training appends to a response
+        first = enc.encode_single_token(end)
+        tok.stop = [first, *(i for i in stop if i != first)]
+    return tok
+
+
+def check_specials(specials, is_byte):
+    """Refuses a special token (string -> id) that is the token of a byte (`is_byte`): text needs
+    that byte, and as a special token it would never be spelt."""
+    for t, i in specials.items():
+        if is_byte(t):
+            raise ValueError(f"its special token {t!r} (id {i}) is the token of a byte, which text needs")
+
+
+def check_ids(pairs):
+    """Refuses a vocabulary (token string, id pairs: its tokens and its added tokens) that gives one
+    id to two different tokens: which one the id stands for would be a guess."""
+    seen = {}
+    for t, i in pairs:
+        if seen.setdefault(i, t) != t:
+            raise ValueError(f"it gives id {i} to two tokens, {seen[i]!r} and {t!r}")
+
+
+def gguf_list(fields, key, n):
+    """The GGUF tokenizer list `key`, checked to hold one entry per token (n)."""
+    values = fields[f"tokenizer.ggml.{key}"]
+    if len(values) != n:
+        raise ValueError(f"its {key} list has {len(values)} entries for {n} tokens")
+    return values
 
 
 def from_gguf(fields):
-    """fields: the GGUF key -> value metadata (already decoded to Python values)."""
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} is not "
-                         "byte-level BPE ('gpt2'); only that kind can be read into tiktoken")
-    pre = fields.get("tokenizer.ggml.pre", "gpt2")
-    if pre not in PATTERNS:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+    """fields: the GGUF key -> value metadata (already decoded to Python values). Byte-level BPE
+    ("gpt2") runs in tiktoken, SentencePiece BPE ("llama") as SentencePieceBPE."""
+    tokens = fields["tokenizer.ggml.tokens"]
+    try:
+        return gguf_tokenizer(fields, tokens, gguf_list(fields, "token_type", len(tokens)))
+    except ValueError as e:
+        raise ValueError(f"the GGUF tokenizer cannot be read: {e}") from None
+
+
+def gguf_tokenizer(fields, tokens, types):
+    """from_gguf's tokenizer of its (checked) tokens and token types; every end-of-sequence, end-of-turn
+    and end-of-message id the file names stops generation, and its BOS goes first where add_bos_token
+    says (absent: a SentencePiece vocabulary's yes, a byte-level one's no, as llama.cpp and transformers read it)."""
+    model = fields.get("tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise ValueError(f"its model {model!r} is neither byte-level BPE ('gpt2') nor SentencePiece BPE ('llama')")
+    is_byte = BYTE_TOKEN.fullmatch if model == "llama" else lambda t: len(t) == 1 and t in byte_decoder()
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom"):  # llama.cpp's names for these ids
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ValueError(f"its {key} token id {i} is not one of its {len(tokens)} tokens")
+        if i is not None:
+            check_specials({tokens[i]: i}, is_byte)
+            ids[key] = i
+    names = {f"{k}_token": tokens[ids[k]] for k in ("bos", "eos") if k in ids}
+    if model == "llama":
+        tok = gguf_sentencepiece(fields, tokens, types, names)
+    else:
+        pre = fields.get("tokenizer.ggml.pre", "gpt2")
+        if pre not in PATTERNS:
+            raise ValueError(f"its pre-tokenizer {pre!r} is not supported (known: {', '.join(PATTERNS)})")
+        specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
+    tok.add_stops(ids[k] for k in ("eos", "eot", "eom") if k in ids)
+    if "bos" in ids and fields.get("tokenizer.ggml.add_bos_token", model == "llama"):  # llama.cpp's default
+        tok.bos = [ids["bos"]]
+    return tok
+
+
+def gguf_sentencepiece(fields, tokens, types, names):
+    """A SentencePieceTokenizer of a GGUF SentencePiece BPE vocabulary (Llama 2, Mistral 7B,
+    TinyLlama), read as transformers reads such a file: LlamaTokenizer's pipeline; the merges the
+    file lists, else every split of a piece into two pieces, the best-scored piece first (as
+    llama.cpp merges: the pair whose merged piece scores best); the unknown, control and
+    user-defined tokens as added tokens."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    names = {f"{k}_token": tokens[fields[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos")
-             if f"tokenizer.ggml.{k}_token_id" in fields}
-    return from_vocab(f"gguf-{pre}", vocab, specials, PATTERNS[pre], fields.get("tokenizer.chat_template"), names)
+    if "tokenizer.ggml.merges" in fields:
+        merges = [m.split(" ") for m in fields["tokenizer.ggml.merges"]]
+    else:
+        merges = sentencepiece_merges(vocab, dict(zip(tokens, gguf_list(fields, "scores", len(tokens)))))
+    added = [{"id": i, "content": t} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in SP_ADDED]
+    enc = SentencePieceBPE("gguf-llama", {"vocab": vocab, "merges": merges}, added, *llama_pipeline({}),
+                           llama_class=True)
+    return with_chat(enc, fields.get("tokenizer.chat_template"), names, SentencePieceTokenizer)
 
 
 def hf_pattern(pre):
@@ -317,7 +407,21 @@ def from_hf_dir(path):
     tok = from_hf_files(path, config, template, names)
     if tok is not None:
         tok.template_from = str(source)
+        tok.add_stops(generation_eos(path, tok.enc.n_vocab))
     return tok
+
+
+def generation_eos(path, n_vocab):
+    """The ids a checkpoint's generation_config.json ends generation at (eos_token_id: an id or a
+    list of them, Phi-3's end of text, its assistant's header and its end of turn), [] without one."""
+    file = path / "generation_config.json"
+    config = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(type(i) is int and 0 <= i < n_vocab for i in ids):
+        raise ValueError(f"{file}: its eos_token_id {eos!r} is not one of the tokenizer's {n_vocab} ids, "
+                         "nor a list of them")
+    return ids
 
 
 def from_hf_files(path, config, template, names):
@@ -327,7 +431,10 @@ def from_hf_files(path, config, template, names):
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         specials = {t: i for t, i in vocab.items() if t == "<|endoftext|>"}
-        return from_vocab(path.name, vocab, specials, GPT2_PAT, template, names)
+        try:
+            return from_vocab(path.name, vocab, specials, GPT2_PAT, template, names)
+        except ValueError as e:
+            raise ValueError(f"{path / 'vocab.json'} cannot be read: {e}") from None
     if (path / "tokenizer.model").exists() or (path / "original" / "tokenizer.model").exists():
         model_file = path / "tokenizer.model"
         model_file = model_file if model_file.exists() else path / "original" / "tokenizer.model"
@@ -359,7 +466,10 @@ def from_tokenizer_json(file, config, template, names):
     vocab = dict(tj["model"]["vocab"])
     specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     vocab.update(specials)
-    tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
+    try:
+        tok = from_vocab(file.parent.name, vocab, specials, hf_pattern(tj.get("pre_tokenizer")), template, names)
+    except ValueError as e:
+        raise ValueError(f"{file} cannot be read: {e}") from None
     tok.normalize = (tj.get("normalizer") or {}).get("type")
     tok.bos = post_processor_bos(tj.get("post_processor"))
     return tok
@@ -390,6 +500,7 @@ def from_llama3_model(model_file, template=None, names=None):
 SPACE = "▁"  # SentencePiece's stand-in for a space
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Rust's char::is_whitespace
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+NO_MERGE = 1 << 62  # a pair's rank when no merge joins it: above every rank * 2^32 + id
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # transformers 5 rebuilds their pipeline (llama_pipeline)
 
 
@@ -400,13 +511,14 @@ class SentencePieceBPE:
     merged: starting from its characters (a character outside the vocabulary becomes its UTF-8
     byte tokens <0xNN> with byte_fallback, else <unk>), the adjacent pair with the lowest merge rank,
     the leftmost of equals, merges until none is left. Words are cached, so common text costs a
-    dict lookup per word.
+    dict lookup per word, done in C for a whole run (encode_run).
 
     `tokenizers` merges a whole run when no pre-tokenizer splits it (Llama 2's tokenizer.json), so
     words here are cut only where no merge can cross: between two characters that no token holds
     side by side (a merge makes a token, so none joins them), the second one in the vocabulary (a
     waiting <unk> goes no further). Runs are cut so before a '▁' by a regex, and a word missing
-    from the cache again into pieces, each merged alone and cached: the same tokens as the run's."""
+    from the cache again into pieces, each merged alone and cached: the same tokens as the run's.
+    Merges track ids only; where a token starts is found afterwards (starts()), for chat text."""
 
     def __init__(self, name, model, added, normalizer, metaspace, decoder, llama_class=False):
         """model: tokenizer.json's "model"; added: its added_tokens; normalizer: ("prepend", s) and
@@ -424,6 +536,7 @@ class SentencePieceBPE:
             a, b = m.split(" ") if isinstance(m, str) else m
             self.merges[self.vocab[a], self.vocab[b]] = (rank, self.vocab[a + b])
         self.added = {t["content"]: t["id"] for t in added}
+        check_ids([*self.vocab.items(), *self.added.items()])
         self.lstrip = {t["id"] for t in added if t.get("lstrip")}
         self.rstrip = {t["id"] for t in added if t.get("rstrip")}
         self.tokens = {i: t for t, i in self.vocab.items()} | {i: t for t, i in self.added.items()}
@@ -435,7 +548,8 @@ class SentencePieceBPE:
         self.split_re = re.compile(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+")
         self.bigrams = self.joins()
         self.cut = self.cut_before_space()
-        self.cache = {}
+        self.whole = self.ignore_merges and self.split  # a word of the vocabulary is its token
+        self.cache = {}  # word or piece -> its ids
 
     def joins(self):
         """The pairs of adjacent characters some token holds (the only places a merge can join
@@ -447,11 +561,14 @@ class SentencePieceBPE:
         return {t[i:i + 2] for t in self.vocab for i in range(len(t) - 1)}
 
     def cut_before_space(self):
-        """The regex that cuts a run before each '▁' no token joins to the character before it, or None."""
+        """The regex whose matches are a run cut before each '▁' no token joins to the character
+        before it (a word: '▁'s, other characters, and again '▁'s where one of `before` precedes
+        them ...), or None."""
         if self.bigrams is None or SPACE not in self.vocab:
             return None
-        before = {a for a, b in self.bigrams if b == SPACE and a != SPACE}
-        return re.compile(f"(?<=[^{re.escape(SPACE + ''.join(sorted(before)))}])(?={SPACE})")
+        before = "".join(sorted({re.escape(a) for a, b in self.bigrams if b == SPACE and a != SPACE}))
+        more = f"(?:(?<=[{before}]){SPACE}+[^{SPACE}]*)*" if before else ""
+        return re.compile(f"{SPACE}+[^{SPACE}]*{more}|[^{SPACE}]+{more}")
 
     def pieces(self, word):
         """`word` cut between each two characters no token holds together, where the second is
@@ -485,7 +602,7 @@ class SentencePieceBPE:
         """The words of a normalized run."""
         if self.split:  # Metaspace's split: each '▁' starts a word
             return self.split_re.findall(text)
-        return self.cut.split(text) if self.cut else [text]
+        return self.cut.findall(text) if self.cut else [text]
 
     def symbols(self, word):
         """(id, index of its character) of each character of `word`, as `tokenizers` starts a word:
@@ -514,36 +631,30 @@ class SentencePieceBPE:
         return out + [unk] if unk else out
 
     def bpe(self, word):
-        """(ids, starts) of one word: the merges as `tokenizers`' Word::merge_all makes them, which
-        is always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
+        """The ids of one word: the merges as `tokenizers`' Word::merge_all makes them, which is
+        always the adjacent pair of lowest rank, the leftmost of equals, until none is left."""
         ids = list(map(self.vocab.get, word))
         if None in ids:
-            ids, starts = map(list, zip(*self.symbols(word))) if word else ([], [])
-        else:
-            starts = list(range(len(word)))
-        merge = self.merge_short if len(ids) <= 256 else self.merge_heap
-        return merge(ids, starts) if ids else ((), ())
+            ids = [t for t, _ in self.symbols(word)]
+        return self.merge_short(ids) if len(ids) <= 256 else self.merge_heap(ids)
 
-    def merge_short(self, ids, starts):
+    def merge_short(self, ids):
         """bpe's merges on a short word: the ranks of its adjacent pairs in a list that each merge
         updates, the lowest found by min() (quadratic in the length, but in C). A pair is keyed
         left * n_vocab + right, and its rank * 2^32 + merged id sorts as its rank."""
-        pairs, v, none = self.pairs, self.n_vocab, math.inf
-        ranks = [pairs.get(a * v + b, none) for a, b in zip(ids, ids[1:])]
-        while ranks:
-            best = min(ranks)
-            if best == none:
-                break
+        get, v = self.pairs.get, self.n_vocab
+        ranks = [get(a * v + b, NO_MERGE) for a, b in zip(ids, ids[1:])]
+        while ranks and (best := min(ranks)) != NO_MERGE:
             i = ranks.index(best)  # the leftmost
-            ids[i:i + 2] = [best & 0xFFFFFFFF]
-            del starts[i + 1], ranks[i]
+            ids[i] = new = best & 0xFFFFFFFF
+            del ids[i + 1], ranks[i]
             if i < len(ranks):
-                ranks[i] = pairs.get(ids[i] * v + ids[i + 1], none)
-            if i > 0:
-                ranks[i - 1] = pairs.get(ids[i - 1] * v + ids[i], none)
-        return tuple(ids), tuple(starts)
+                ranks[i] = get(new * v + ids[i + 1], NO_MERGE)
+            if i:
+                ranks[i - 1] = get(ids[i - 1] * v + new, NO_MERGE)
+        return tuple(ids)
 
-    def merge_heap(self, ids, starts):
+    def merge_heap(self, ids):
         """bpe's merges on a long word as `tokenizers` makes them: a heap of (rank, position)."""
         n, merges = len(ids), self.merges
         nxt, prv = list(range(1, n)) + [-1], list(range(-1, n - 1))
@@ -561,53 +672,61 @@ class SentencePieceBPE:
             for a, b in ((prv[i], i), (i, k)):
                 if a >= 0 and b >= 0 and (m := merges.get((ids[a], ids[b]))):
                     heapq.heappush(heap, (m[0], a, m[1]))
-        keep = [i for i in range(n) if ids[i] is not None]
-        return tuple(ids[i] for i in keep), tuple(starts[i] for i in keep)
+        return tuple(t for t in ids if t is not None)
+
+    def learn(self, words):
+        """Cache the ids of `words` (a set, none of them cached): those of their pieces (pieces()),
+        each merged alone and cached too; with ignore_merges and split, a word of the vocabulary is
+        its token. In bulk, so a text's new words cost little beyond their merges."""
+        cache = self.cache
+        if self.whole:  # no pieces: a piece in the vocabulary may merge into other tokens than itself
+            cache.update((w, (self.vocab[w],) if w in self.vocab else self.bpe(w)) for w in words)
+            return
+        pieces = {w: self.pieces(w) for w in words}
+        for p in set(itertools.chain.from_iterable(pieces.values())).difference(cache):
+            cache[p] = self.bpe(p)
+        for w, ps in pieces.items():
+            if len(ps) > 1:
+                cache[w] = tuple(itertools.chain.from_iterable(map(cache.__getitem__, ps)))
 
     def word(self, w):
-        """The (ids, starts) of a word, cached (the cache is emptied when it holds 2^17 words):
-        those of its pieces (pieces()), each merged alone and cached too."""
-        hit = self.cache.get(w)
-        if hit is None:
-            if len(self.cache) >= 1 << 17:
-                self.cache.clear()
-            pieces = self.pieces(w)
-            if len(pieces) == 1:
-                hit = self.bpe(w)
-            else:
-                ids, starts, at = [], [], 0
-                for p in pieces:
-                    got, where = self.cache.get(p) or self.cache.setdefault(p, self.bpe(p))
-                    ids += got
-                    starts += [at + s for s in where]
-                    at += len(p)
-                hit = tuple(ids), tuple(starts)
-            self.cache[w] = hit
-        return hit
+        """The ids of a word (learn())."""
+        if w not in self.cache:
+            self.learn({w})
+        return self.cache[w]
 
-    def whole_word(self, w):
-        """word(w), but a word of the vocabulary is its token (ignore_merges)."""
-        return ((self.vocab[w],), (0,)) if w in self.vocab else self.word(w)
+    def starts(self, word, ids):
+        """The index in `word` of the first character of each of its tokens `ids`: a token spells
+        the symbols (symbols()) it merged, one after another, so it takes as many as its length needs."""
+        symbols, out, k = self.symbols(word), [], 0
+        for t in ids:
+            out.append(symbols[k][1])
+            n = len(self.tokens[t])
+            while n > 0:
+                n -= len(self.tokens[symbols[k][0]])
+                k += 1
+        return out
 
     def encode_run(self, run, first, offsets=False):
         """ids of a run of text holding no added token (with `offsets`: and the index in `run` of
-        each token's first character; a '▁' put before the run counts as its first character)."""
+        each token's first character; a '▁' put before the run counts as its first character). The
+        cache is emptied when it holds 2^17 words, before a run: a run's words stay in it."""
         if not run:
             return ([], []) if offsets else []
         text, n = self.normalize(run, first)
         if self.ignore_merges and not self.split and text in self.vocab:
             return ([self.vocab[text]], [0]) if offsets else [self.vocab[text]]
-        word = self.whole_word if self.ignore_merges and self.split else self.word
-        if not offsets and word == self.word:  # the cache looked up inline: most words are there
-            hit = self.cache.get
-            return [t for w in self.words(text) for t in (hit(w) or word(w))[0]]
+        if len(self.cache) >= 1 << 17:
+            self.cache.clear()
+        words = self.words(text)
         if not offsets:
-            return [t for w in self.words(text) for t in word(w)[0]]
+            self.learn(set(words).difference(self.cache))
+            return list(itertools.chain.from_iterable(map(self.cache.__getitem__, words)))
         ids, starts, at = [], [], 0
-        for w in self.words(text):
-            got, where = word(w)
+        for w in words:
+            got = self.word(w)
             ids += got
-            starts += [max(at + s - n, 0) for s in where]
+            starts += [max(at + s - n, 0) for s in self.starts(w, got)]
             at += len(w)
         return ids, starts
 
@@ -630,6 +749,13 @@ class SentencePieceBPE:
             out.append((text[start:stop], tid))
             at = stop
         return out + [(text[at:], None)] if at < len(text) else out
+
+    def decode_single_token_bytes(self, token):
+        """The bytes one token stands for, as a stream of tokens writes them: a byte token its byte,
+        a '▁' a space (the Strip of a text's first space is the whole decode's)."""
+        t = self.tokens[token]
+        m = BYTE_TOKEN.fullmatch(t)
+        return bytes([int(m.group(1), 16)]) if m else t.replace(SPACE, " ").encode("utf-8")
 
     def encode_single_token(self, token):
         if token in self.added:
@@ -845,15 +971,16 @@ def read_sentencepiece_model(model_file):
     return pieces, trainer, normalizer
 
 
-def sentencepiece_merges(vocab):
+def sentencepiece_merges(vocab, scores=None):
     """The merges transformers 5 makes of a SentencePiece BPE vocabulary (generate_merges): every
     split of a piece into two pieces, in the order of the piece's id, then the left part's and the
-    right part's length, then their ids."""
+    right part's length, then their ids; with `scores` (piece -> score, a GGUF file's): the best
+    score first, then the longer left part, then the longer right part, then their ids."""
     merges = []
-    for piece, i in vocab.items():
+    for piece, key in (scores or vocab).items():
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += [(i, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
-    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
+        merges += [(key, a, b) for a, b in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=scores is not None)  # stable: ids stay in order
     return [(a, b) for _, a, b in merges]
 
 

@@ -93,8 +93,11 @@ def gguf_tensors(model):
     return out
 
 
-def write_gguf(path, model, qtype=None, vocab=None, pre="gpt2", extra_tensors=None):
+def write_gguf(path, model, qtype=None, vocab=None, pre="gpt2", extra_tensors=None, scores=None):
     """Write `model` (a Llama) as a llama-architecture GGUF; 2-D tensors in `qtype` (None: F32).
+    vocab: (tokens, token types, merges) of byte-level BPE, or with `scores` (one per token) of
+    SentencePiece BPE, as llama.cpp writes Llama 2's: tokenizer model "llama", scores, no merges,
+    <s> and </s> the bos and eos.
 
     Returns {name: (stored numpy data, GGMLQuantizationType)} of what went into the file.
     """
@@ -115,12 +118,18 @@ def write_gguf(path, model, qtype=None, vocab=None, pre="gpt2", extra_tensors=No
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.dim // cfg.n_heads)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype is None else gguf.LlamaFileType.MOSTLY_Q8_0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
+    if scores is None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(tokens.index("<|endoftext|>") if "<|endoftext|>" in tokens else 0)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_scores(scores)
+        w.add_bos_token_id(tokens.index("<s>"))
+        w.add_eos_token_id(tokens.index("</s>"))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(tokens.index("<|endoftext|>") if "<|endoftext|>" in tokens else 0)
     written = {}
     tensors = gguf_tensors(model)
     tensors.update(extra_tensors or {})

@@ -2,17 +2,19 @@
 (SmolLM2) tokenizer, and SentencePiece-style BPE (tokenizer.json, tokenizer.model): ids equal to
 transformers', round trips, digit splitting, special tokens, chat prompts."""
 import json
+import re
 import struct
 
 import gguf
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoints as ck
 import data
 import models
-from conftest import tiny_llama
+from conftest import tiny_llama, write_checkpoint
 from helpers import write_jsonl
 from models import tokenizer as tok
 
@@ -101,8 +103,8 @@ def test_gguf_file_tokenizer_round_trip(gguf_file_tokenizer, s):
 
 
 def test_gguf_unknown_tokenizer_kinds_are_refused():
-    with pytest.raises(ValueError, match="llama"):
-        tok.from_gguf({**gguf_fields(), "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="'t5' is neither byte-level BPE"):
+        tok.from_gguf({**gguf_fields(), "tokenizer.ggml.model": "t5"})
     with pytest.raises(ValueError, match="no-such-pre"):
         tok.from_gguf(gguf_fields("no-such-pre"))
 
@@ -468,6 +470,24 @@ def test_sentencepiece_specials_bos_and_merges(sentencepiece):
         assert ours.enc.cut is not None and any(len(w) > 1 and "▁" in w[1:] for w in ours.enc.tokens.values())
 
 
+@settings(max_examples=40, deadline=None)
+@given(s=sp_texts, question=st.text(max_size=20), context=st.text(max_size=10))
+def test_every_prompt_kind_starts_with_the_bos_transformers_adds(sentencepiece, s, question, context):
+    """Alpaca prompts, chat prompts of a tokenizer with no chat format and plain text cut into
+    windows hold the BOS the tokenizer puts before a text (Llama 2's <s>), as transformers'
+    tokenizer encodes them with add_special_tokens."""
+    ours, theirs = sentencepiece
+    ex = data.Example(question=question, response="", answer="", input=context)
+    alpaca = (data.ALPACA_INPUT if context else data.ALPACA).format(question=question, input=context)
+    assert data.prompt(ours, ex, "alpaca") == theirs.encode(alpaca)
+    assert data.prompt(ours, ex) == theirs.encode(question + (f"\n\n{context}" if context else ""))
+    ids = theirs.encode(s)
+    if len(ids) > 1:
+        windows = data.chunks(ours, [s], 4)
+        assert [windows[0][0][0]] + [t for _, targets in windows for t in targets] == ids
+        assert data.encode_all(ours, [s], 4) == windows
+
+
 @settings(max_examples=60, deadline=None)
 @given(s=sp_texts)
 def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
@@ -478,9 +498,9 @@ def test_sentencepiece_merges_short_and_long_words_alike(sentencepiece, s):
     if not text:
         return
     ids = [sp.vocab.get(c, sp.unk if sp.unk is not None else 3) for c in text]  # <unk> or <0x00> stand in
-    assert sp.merge_short(list(ids), list(range(len(ids)))) == sp.merge_heap(list(ids), list(range(len(ids))))
+    assert sp.merge_short(list(ids)) == sp.merge_heap(list(ids))
     merged_alone = sp.words(text) if sp.split else [text]  # the words `tokenizers` merges one by one
-    assert [t for w in sp.words(text) for t in sp.word(w)[0]] == [t for w in merged_alone for t in sp.bpe(w)[0]]
+    assert [t for w in sp.words(text) for t in sp.word(w)] == [t for w in merged_alone for t in sp.bpe(w)]
 
 
 @pytest.mark.parametrize("part,spec,what", [
@@ -568,6 +588,56 @@ def test_sentencepiece_model_file_of_another_kind_is_refused(tmp_path):
     write_sentencepiece_model(tmp_path, [("<unk>", 2), ("▁a", 1)], model_type=1)
     with pytest.raises(ValueError, match="is a SentencePiece Unigram model: only SentencePiece BPE"):
         tok.from_hf_dir(tmp_path)
+
+
+def sentencepiece_gguf_vocab(tj):
+    """(tokens, token types, scores) of a SentencePiece-style tokenizer.json's vocabulary, as
+    llama.cpp writes a Llama 2 vocabulary into a GGUF: tokens in id order, the earlier the better
+    scored, 2 unknown, 3 control, 6 byte, 1 the rest."""
+    vocab = tj["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    types = [2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if tok.BYTE_TOKEN.fullmatch(t) else 1
+             for t in tokens]
+    return tokens, types, [-float(i) for i in range(len(tokens))]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory):
+    """(ours of a GGUF SentencePiece vocabulary, ours of its tokenizer.json, transformers' of the
+    GGUF, transformers' of the tokenizer.json): a tokenizer trained here, its tokenizer.json given
+    the merges the GGUF's scores imply (transformers' generate_merges), so both state one tokenizer."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    path = save_sentencepiece(tmp_path_factory.mktemp("sp-gguf") / "json", "llama-class")
+    tj = json.loads((path / "tokenizer.json").read_text())
+    tokens, types, scores = sentencepiece_gguf_vocab(tj)
+    tj["model"]["merges"] = [list(m) for m in generate_merges(tj["model"]["vocab"], dict(zip(tokens, scores)))]
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    gguf_file = path.parent / "model.gguf"
+    ck.write_gguf(gguf_file, tiny_llama(vocab_size=len(tokens)), vocab=(tokens, types, None), scores=scores)
+    return (models.load(gguf_file)[1], tok.from_hf_dir(path),
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=gguf_file.name, split_special_tokens=True),
+            AutoTokenizer.from_pretrained(path, split_special_tokens=True))
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=sp_texts)
+def test_gguf_sentencepiece_ids_equal_its_tokenizer_json_and_transformers(sentencepiece_gguf, s):
+    """A GGUF SentencePiece vocabulary (tokenizer model "llama": tokens, scores, token types, no
+    merges) reads as the same tokenizer as its tokenizer.json: merges by score, byte fallback, BOS."""
+    from_gguf, from_json, theirs_gguf, theirs_json = sentencepiece_gguf
+    ids = from_gguf.encode(s)
+    assert ids == from_json.encode(s) == theirs_json.encode(s, add_special_tokens=False)
+    assert from_gguf.bos + ids == theirs_gguf.encode(s) == theirs_json.encode(s)
+    assert from_gguf.decode(ids) == theirs_gguf.decode(ids)
+
+
+def test_gguf_sentencepiece_specials_and_stops(sentencepiece_gguf):
+    from_gguf, from_json, theirs_gguf, _ = sentencepiece_gguf
+    assert from_gguf.bos == [1] and from_gguf.stop == [2] and from_gguf.chat is None
+    assert [from_gguf.special(t) for t in SP_SPECIALS] == [0, 1, 2]
+    assert from_gguf.encode("<s> hi") == from_json.encode("<s> hi")  # special strings in text stay text
 
 
 def sentencepiece_refused(path, style):
@@ -778,3 +848,95 @@ def test_train_py_takes_chat_on_a_sentencepiece_checkpoint(tmp_path):
     ids, targets = encoded[0]
     assert ids[0] == tokenizer.special("<s>") and targets[-1] == tokenizer.special("</s>")
     assert tokenizer.decode([t for t in targets if t != -100]) == "0 + 0 = 0. Où?</s>"
+
+
+# ============================================================================ broken tokenizer files
+
+
+def broken_json(tmp_path):
+    """A tokenizer.json whose added token takes the id of the byte token 'b' (id 65)."""
+    path = write_checkpoint(tmp_path / "ckpt", tiny_llama(vocab_size=259, max_seq_len=512))
+    tj = json.loads((path / "tokenizer.json").read_text())
+    tj["added_tokens"].append({"id": 65, "content": "<|x|>", "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    return path
+
+
+def broken_gguf(tmp_path, tokens, types):
+    path = tmp_path / "model.gguf"
+    ck.write_gguf(path, tiny_llama(vocab_size=len(tokens)), vocab=(tokens, types, ck.byte_vocab()[2]))
+    return path
+
+
+BROKEN = {  # name -> (a checkpoint with that tokenizer, what the refusal says)
+    "one id, two tokens": (broken_json, "tokenizer.json cannot be read: it gives id 65 to two tokens, 'b' and '<|x|>'"),
+    "short token types": (lambda p: broken_gguf(p, ck.byte_vocab()[0], ck.byte_vocab()[1][:-2]),
+                          f"its token_type list has {ck.VOCAB_SIZE - 2} entries for {ck.VOCAB_SIZE} tokens"),
+    "control byte token": (lambda p: broken_gguf(p, ck.byte_vocab()[0], [3] + ck.byte_vocab()[1][1:]),
+                           r"its special token '!' \(id 0\) is the token of a byte, which text needs"),
+    "eos on a byte token": (lambda p: broken_gguf(p, *(v[:-len(ck.SPECIALS)] for v in ck.byte_vocab()[:2])),
+                            r"its special token '!' \(id 0\) is the token of a byte"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_tokenizer_is_one_sentence_and_status_2_from_train_and_eval(tmp_path, name, capsys):
+    """Refused where the tokenizer is read, before tiktoken would panic (a BaseException that a
+    script's error handling does not catch) or a byte would be lost from every text."""
+    import cli
+    import eval as evaluate
+    import train
+
+    make, message = BROKEN[name]
+    model = make(tmp_path)
+    for main in (lambda: train.main(["--method", "lora", "--model", str(model), "--out", str(tmp_path / "run"),
+                                      "--steps", "1"]),
+                 lambda: evaluate.main(["--model", str(model), "--limit", "1"])):
+        with pytest.raises(SystemExit) as e:
+            cli.run(main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+# ============================================================================ where generation stops
+
+
+def phi3_checkpoint(path):
+    """A tiny Llama with a byte-level tokenizer (<|endoftext|> 256), Phi-3's chat tokens (257 to 259)
+    and template (a turn ends with <|end|>), and its generation_config.json's eos ids, whose greedy
+    answer to anything is <|end|>: every embedding points one way, <|end|>'s is the longest, and the
+    blocks add nothing."""
+    model = tiny_llama(vocab_size=260, max_seq_len=512)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.model.embed_tokens.weight[259] = 2.0
+    write_checkpoint(path, model)
+    tj = json.loads((path / "tokenizer.json").read_text())
+    tj["added_tokens"] = [{"id": 256, "content": "<|endoftext|>", "special": True}] + [
+        {"id": 257 + i, "content": t, "special": True} for i, t in enumerate(PHI3_TOKENS)]
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": SP_TEMPLATES["phi3"]}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [256, 258, 259]}))
+    return path
+
+
+def test_generation_stops_at_every_end_of_turn_and_eos_id_the_checkpoint_declares(tmp_path, capsys):
+    """Phi-3's turns end with <|end|>: its template says so (first: what a response is trained to
+    end with), and so does its generation_config.json, beside <|endoftext|> and <|assistant|>."""
+    import generate
+
+    path = phi3_checkpoint(tmp_path / "phi3")
+    assert tok.from_hf_dir(path).stop == [259, 256, 258]
+    capsys.readouterr()
+    generate.main(["--model", str(path), "--max-new-tokens", "5", "hi"])
+    assert capsys.readouterr().out == "\n"  # <|end|> at once: the answer is empty
+    (path / "generation_config.json").unlink()
+    assert tok.from_hf_dir(path).stop == [259, 256]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 300}))
+    with pytest.raises(ValueError, match="eos_token_id 300 is not one of the tokenizer's 260 ids"):
+        tok.from_hf_dir(path)
