@@ -74,7 +74,7 @@ def write_hf(out, model, source):
 
     tensors = hf_state_dict(model)
     files.atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config = hf_config(model.cfg, model.lm_head.weight.dtype)
+    config = hf_config(model)
     path = Path(models.resolve(source))
     if path.is_dir():
         for name in TOKENIZER_FILES:

@@ -51,8 +51,7 @@ def build(cfg, sd, path):
     with torch.device("meta"):
         model = kind(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(cfg, "tie_embeddings", True)  # GPT-2 always ties
-    if tied:
+    if cfg.tie_embeddings:
         want.pop("lm_head.weight", None)
     missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
     wrong = [k for k in want.keys() & sd.keys() if tuple(sd[k].shape) != want[k]]
@@ -60,7 +59,7 @@ def build(cfg, sd, path):
         raise LoadError(f"{path}: tensors do not match the model's config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
     model.load_state_dict(sd, strict=False, assign=True)
-    if tied:  # assign gave the embedding a new Parameter: the head shares it again
+    if cfg.tie_embeddings:  # assign gave the embedding a new Parameter: the head shares it again
         model.lm_head.weight = (model.transformer.wte if kind is GPT else model.model.embed_tokens).weight
     return model
 
