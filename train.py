@@ -221,6 +221,7 @@ def train(args, method, cfg, plain):
     base_params = sum(p.numel() for p in model.parameters())
     base_buffers = {k for k, _ in model.named_buffers()}
     train_set, val_batch = training.load_data(args, tok)
+    inputs = training.inputs(args, train_set, val_batch)
     model.to(device)
     val_batch = tuple(t.to(device) for t in val_batch)
     torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
@@ -236,7 +237,7 @@ def train(args, method, cfg, plain):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(args.warmup, args.steps, args.schedule))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     val_loss = training.val_closure(model, val_batch)
-    start = (training.load_checkpoint(ckpt, model, opt, sched, base_buffers, settings, scaler)
+    start = (training.load_checkpoint(ckpt, model, opt, sched, base_buffers, settings, inputs, scaler)
              if args.resume and ckpt.exists() else 0)
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
@@ -278,7 +279,7 @@ def train(args, method, cfg, plain):
             stop = stop_asked(asked, world, device)
             if rank == 0 and (stop or args.save_every and step % args.save_every == 0) and step < args.steps:
                 adapters.save_adapter(model, args.out, args.method, cfg, **info)
-                training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, step, scaler)
+                training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, inputs, step, scaler)
             if stop and step < args.steps:
                 raise KeyboardInterrupt  # after the checkpoint of this step: --resume continues from it
 

@@ -1,6 +1,8 @@
 """load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory;
-pick_dtype(name, device): the dtype every script runs the model in."""
+pick_dtype(name, device): the dtype every script runs the model in; fingerprint(source): what a
+resumed run compares its model's files by."""
 import contextlib
+import hashlib
 import importlib.util
 import re
 import time
@@ -35,6 +37,34 @@ def default_path():
 def resolve(source=None):
     """The path a source names, as a string (what config.json records)."""
     return str(default_path() if source in (None, "", "default") else Path(source))
+
+
+FINGERPRINT_HEAD, FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 1 << 20, 64, 1 << 16  # bytes read per file: ~5 MiB
+
+
+def fingerprint(source=None):
+    """A digest of the files a model source holds (a GGUF file; the files directly inside a checkpoint
+    directory, hidden ones aside), for a resumed run to tell whether its model is the one it started
+    with: each file's name and size, its first MiB (the header: tensor names, shapes and dtypes,
+    GGUF's metadata and vocabulary) and 64 blocks of 64 KiB spread evenly over the rest. Other
+    weights of the same shapes differ in nearly every block; reading ~5 MiB per file costs the same
+    for a 7B model as for a tiny one (a full hash of 14 GB would take most of a minute)."""
+    path = Path(resolve(source))
+    paths = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(FINGERPRINT_HEAD))
+            rest = size - FINGERPRINT_HEAD
+            if rest <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+                h.update(f.read())
+                continue
+            for k in range(FINGERPRINT_BLOCKS):
+                f.seek(FINGERPRINT_HEAD + (rest - FINGERPRINT_BLOCK) * k // (FINGERPRINT_BLOCKS - 1))
+                h.update(f.read(FINGERPRINT_BLOCK))
+    return h.hexdigest()
 
 
 LAYER = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")  # the block index in a tensor name
@@ -158,4 +188,5 @@ def load(source=None, dtype=torch.float32):
     return model.eval(), tokenizer
 
 
-__all__ = ["load", "resolve", "pick_dtype", "DTYPES", "LoadError", "Llama", "LlamaConfig", "GPT", "GPTConfig", "Tokenizer"]
+__all__ = ["load", "resolve", "fingerprint", "pick_dtype", "DTYPES", "LoadError", "Llama", "LlamaConfig", "GPT",
+           "GPTConfig", "Tokenizer"]

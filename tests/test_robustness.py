@@ -249,6 +249,63 @@ def test_resume_onto_another_model_at_the_same_path_is_refused(tmp_path, tiny_ch
 
 
 @pytest.fixture
+def cut_data_run(tmp_path, tiny_checkpoint, monkeypatch):
+    """A LoRA run on a copy of the tiny checkpoint and a data file, killed at step 3 with a checkpoint
+    of step 2; returns (its train.py arguments, the model directory, the data file)."""
+    model, records = tmp_path / "model", tmp_path / "d.json"
+    shutil.copytree(tiny_checkpoint, model)
+    records.write_text(json.dumps([{"instruction": f"Add {i} and 2.", "output": f"{i + 2}"} for i in range(12)]))
+    args = train_args(model, tmp_path / "cut", "--data", str(records), "--save-every", "2", steps=6)
+    interrupt_lora_run(monkeypatch, args, 3)
+    return args, model, records
+
+
+def test_resume_checks_the_data_and_the_model_by_content(tmp_path, tiny_checkpoint, cut_data_run):
+    """A data file rewritten, or other weights of the same shapes at the model's path, is refused on
+    --resume with one sentence naming it; the same files rewritten byte for byte resume."""
+    from conftest import tiny_llama, write_checkpoint
+    args, model, records = cut_data_run
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    before = snapshot(tmp_path / "cut")
+    original = records.read_bytes()
+    records.write_text(json.dumps([{"instruction": f"Add {i} and 3.", "output": f"{i + 3}"} for i in range(12)]))
+    with pytest.raises(ValueError, match=f"the training data \\(--data {records}\\) is not what"):
+        train.main([*args, "--resume"])
+    records.write_bytes(original)
+    weights = (model / "model.safetensors").read_bytes()
+    write_checkpoint(model, tiny_llama(seed=7, vocab_size=259, max_seq_len=512, dim=32))  # same shapes
+    with pytest.raises(ValueError, match=f"--model {model} holds other files"):
+        train.main([*args, "--resume"])
+    assert snapshot(tmp_path / "cut") == before
+    (model / "model.safetensors").write_bytes(weights)
+    os.utime(records, (0, 0))  # touched, not changed
+    train.main([*args, "--resume"])
+    assert not ckpt.exists() and json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_large_model_file_is_fingerprinted_by_its_header_and_blocks_spread_over_it(tmp_path):
+    """Past 5 MiB a file is read in part (its first MiB and 64 blocks of 64 KiB): the same bytes
+    written again give the same fingerprint, other weights behind the same header another."""
+    g = torch.Generator().manual_seed(0)
+    header, weights, other = (torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+                              for n in (1 << 20, 12 << 20, 12 << 20))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(header + weights)
+    first = models.fingerprint(path)
+    path.write_bytes(header + weights)
+    assert models.fingerprint(path) == first
+    path.write_bytes(header + other)
+    assert models.fingerprint(path) != first
+
+
+def test_resume_takes_the_model_and_data_by_where_they_are_not_how_they_are_spelled(tmp_path, cut_data_run):
+    args, model, records = cut_data_run
+    respelled = {str(model): f"{model}/../{model.name}", str(records): f"{tmp_path}/./{records.name}"}
+    train.main([respelled.get(a, a) for a in args] + ["--resume"])
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.fixture
 def peft_adapter(tmp_path, tiny_checkpoint, lora_run):
     out = tmp_path / "peft"
     export.main(["--format", "peft", "--model", str(tiny_checkpoint), "--adapter", str(lora_run), "--out", str(out)])
