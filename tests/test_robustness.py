@@ -102,7 +102,7 @@ def test_an_out_that_is_not_this_runs_is_refused_untouched(tmp_path, tiny_checkp
 
 def test_resume_of_a_run_stopped_before_its_first_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     out = tmp_path / "run"
-    interrupt_lora_run(monkeypatch, train_args(tiny_checkpoint, out, steps=4), 2)
+    interrupt_lora_run(monkeypatch, train_args(tiny_checkpoint, out, "--log-every", "1", steps=4), 2)  # logged step 1
     with pytest.raises(ValueError, match="stopped before its first checkpoint: add --resume"):
         train.main(train_args(tiny_checkpoint, out, steps=4))
     train.main(train_args(tiny_checkpoint, out, "--resume", steps=4))
@@ -126,6 +126,72 @@ def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run
         with pytest.raises(ValueError, match="is, holds or lies inside"):
             export.main([*args, "--force"])
         assert (snapshot(runs / "lora"), snapshot(model)) == before and (runs / "other").is_dir()
+
+
+def test_export_does_not_replace_the_out_of_a_running_train(tmp_path, tiny_checkpoint, lora_run):
+    """export.py --force holds the lock a train.py run holds on its --out: while a run writes into a
+    directory, an export into it is refused and what the run wrote stays."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(out)
+    with files.hold(out):  # as a running train.py holds it
+        with pytest.raises(ValueError, match="another run is writing into"):
+            export.main(["--format", "peft", "--adapter", str(lora_run), "--model", str(tiny_checkpoint),
+                         "--out", str(out), "--force"])
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_refuses_an_out_that_is_a_symbolic_link_and_leaves_nothing(tmp_path, tiny_checkpoint, lora_run):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    r = run("export.py", "--format", "peft", "--adapter", str(lora_run), "--model", str(tiny_checkpoint),
+            "--out", str(tmp_path / "link"), "--force")
+    assert "symbolic link" in one_line_error(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"] and (tmp_path / "link").is_symlink()
+    assert snapshot(target) == {"notes.txt": b"mine"}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_never_writes_through_a_symbolic_link_in_its_out(tmp_path, tiny_checkpoint, resume):
+    """A link inside --out (log.jsonl pointing at a file elsewhere) is refused before anything is
+    written, --resume or not: the file it points at is left as it was."""
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="symbolic link"):
+        train.main(train_args(tiny_checkpoint, out, *(["--resume"] if resume else [])))
+    assert elsewhere.read_text() == "keep me" and [p.name for p in out.iterdir()] == ["log.jsonl"]
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_nothing_so_the_retry_runs(tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "run"
+    import training
+    real = training.train_step
+
+    def fail(*args, **kwargs):
+        raise FloatingPointError("the loss became nan at step 1")
+    monkeypatch.setattr(training, "train_step", fail)
+    with pytest.raises(FloatingPointError):
+        train.main(train_args(tiny_checkpoint, out))
+    assert not out.exists()
+    monkeypatch.setattr(training, "train_step", real)
+    assert train.main(train_args(tiny_checkpoint, out))["steps"] == 2
+
+
+def test_resume_of_a_finished_run_with_more_steps_is_refused(tmp_path, tiny_checkpoint, lora_run):
+    """--resume cannot extend a finished run (its schedule ended and its optimizer state is gone):
+    more --steps are refused with the reason; the same --steps find nothing to resume."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(out)
+    r = run("train.py", *train_args(tiny_checkpoint, out, "--resume", steps=4))
+    assert "a finished run of 2 steps" in one_line_error(r)
+    assert train.main(train_args(tiny_checkpoint, out, "--resume"))["steps"] == 2  # nothing to resume
+    assert snapshot(out) == before
 
 
 # ----------------------------------------------------------------------------- everything loaded is checked
