@@ -546,6 +546,16 @@ def test_negative_optimizer_flags_are_refused(tmp_path, tiny_checkpoint, flag, v
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("seed", [str(2**63 - 1), "-1", str(2**32)])
+def test_a_seed_out_of_range_is_refused_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch, seed):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(models, "load", no_load)
+    with pytest.raises(ValueError, match="--seed must be"):
+        train.main(train_args(tiny_checkpoint, tmp_path / "o", "--seed", seed))
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- dropout under torchrun
 
 @pytest.mark.parametrize("name", methods.NAMES)
