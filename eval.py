@@ -104,8 +104,11 @@ def check_json(path):
 
 
 def results_file(path):
-    """Whether `path` holds what eval.py writes with --json: a list of rows."""
+    """Whether `path` holds what eval.py writes with --json: a list of rows (a few KB; a file of more
+    than 64 MiB, such as a model's weights, is not read)."""
     try:
+        if path.stat().st_size > 1 << 26:
+            return False
         rows = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         return False
