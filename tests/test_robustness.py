@@ -28,6 +28,7 @@ import files
 import methods
 import models
 import train
+import training
 from conftest import interrupt_lora_run
 from helpers import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
 
@@ -169,7 +170,6 @@ def test_a_run_never_writes_through_a_symbolic_link_in_its_out(tmp_path, tiny_ch
 
 def test_a_run_that_fails_at_its_first_step_leaves_nothing_so_the_retry_runs(tmp_path, tiny_checkpoint, monkeypatch):
     out = tmp_path / "run"
-    import training
     real = training.train_step
 
     def fail(*args, **kwargs):
@@ -326,7 +326,7 @@ def cut_data_run(tmp_path, tiny_checkpoint, monkeypatch):
     return args, model, records
 
 
-def test_resume_checks_the_data_and_the_model_by_content(tmp_path, tiny_checkpoint, cut_data_run):
+def test_resume_checks_the_data_and_the_model_by_content(tmp_path, cut_data_run):
     """A data file rewritten, or other weights of the same shapes at the model's path, is refused on
     --resume with one sentence naming it; the same files rewritten byte for byte resume."""
     from conftest import tiny_llama, write_checkpoint
