@@ -281,7 +281,8 @@ def build_math(argv=None):
         for name, records in split.items():
             (tmp / name).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    files.write_dir(out, write)
+    with files.hold(out):  # not while a train.py run holds it
+        files.write_dir(out, write)
     for name, records in split.items():
         print(f"{out / name}: {len(records)} problems")
     print(f"left out {left_out} test problems that are training problems")

@@ -7,7 +7,9 @@ or the Alpaca template LLM-Adapters uses) and learns only the response tokens; e
 generates a response and compares the extracted answer. Chat conversations train on their
 assistant turns; plain text trains as fixed-length chunks in which every token is a target.
 """
+import array
 import functools
+import hashlib
 import json
 import random
 import re
@@ -400,6 +402,17 @@ def collate(encoded):
         x[b, :len(ids)] = torch.tensor(ids)
         y[b, :len(tg)] = torch.tensor(tg)
     return x, y
+
+
+def fingerprint(pairs):
+    """A digest of (ids, targets) pairs, lists or tensors: the tokens a run trains and validates on,
+    which a resumed run compares with its checkpoint's (a data file rewritten, another tokenizer).
+    Every source (a file, a directory, a benchmark, the built-in task) ends as such pairs."""
+    h = hashlib.blake2b(digest_size=16)
+    for ids, targets in pairs:
+        ids, targets = (t.flatten().tolist() if torch.is_tensor(t) else t for t in (ids, targets))
+        h.update(array.array("q", [len(ids), *ids, *targets]).tobytes())
+    return h.hexdigest()
 
 
 def batch(encoded, batch_size, seed, index):

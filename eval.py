@@ -15,6 +15,7 @@ so they run at the base model's speed.
 """
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -32,6 +33,7 @@ import models
 import plots
 
 OWN_KINDS = ("messages", "text")  # --data files scored by their loss: chats (assistant turns) and texts
+SEQ_LEN = 512  # the perplexity window where the model's context is longer
 
 
 def parse_args(argv):
@@ -57,7 +59,8 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="the longest answer (default: 64 on the built-in task, 256 on LLM-Adapters data, 32 on "
                    "commonsense)")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens")
+    p.add_argument("--seq-len", type=int, default=None, help=f"perplexity window in tokens, at most the model's "
+                   f"context (default: {SEQ_LEN}, or the model's context where it is shorter)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto", help="the model's dtype; adapters "
                    "keep float32 parameters (auto: the fastest of them on this device, measured)")
@@ -82,10 +85,34 @@ def parse_args(argv):
     if args.show and scored:
         raise ValueError("--show prints generated answers, and perplexity generates none: leave it out")
     if args.json:
-        files.writable(args.json, "--json")  # before the evaluation, not after it
+        check_json(args.json)  # before the evaluation, not after it
     configs = {d: adapters.read_config(d) for d in args.adapter}  # fail before the model loads
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
+
+
+def check_json(path):
+    """Refuse a --json file that cannot be written, or whose writing would replace a file eval.py did
+    not write: only its own results (a JSON list of rows) are replaced, never a link or another file."""
+    files.writable(path, "--json")
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"--json {path} is a symbolic link, not a results file: give another file name")
+    if path.exists() and not results_file(path):
+        raise ValueError(f"--json {path} exists and is not a results file of eval.py (a JSON list of rows): "
+                         "give another file name, or delete it")
+
+
+def results_file(path):
+    """Whether `path` holds what eval.py writes with --json: a list of rows (a few KB; a file of more
+    than 64 MiB, such as a model's weights, is not read)."""
+    try:
+        if path.stat().st_size > 1 << 26:
+            return False
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"name", "method", "sets"} <= r.keys() for r in rows)
 
 
 def trained_prompt(configs):
@@ -181,6 +208,10 @@ def main(argv=None):
     print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", flush=True)
     base, tok = models.load(args.model, dtype)
     data.need_tokenizer(tok)
+    context = base.cfg.max_seq_len  # a window past it: GPT-2 has no such position, RoPE scores it regardless
+    if args.seq_len is not None and args.seq_len > context:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens")
+    args.seq_len = args.seq_len or min(SEQ_LEN, context)
     for adapter_dir in args.adapter:  # a wrong adapter fails now, not after the rows before it
         adapters.check_adapter(base, adapter_dir)
     base_params = sum(p.numel() for p in base.parameters())
@@ -221,6 +252,7 @@ def main(argv=None):
         for s, completions in shown.items():
             print_completions(s, sets[s], completions)
     if args.json:
+        check_json(args.json)  # again: the evaluation took a while, and the place may hold another file now
         files.write_json(args.json, rows)
     if args.markdown:
         print("\n".join(plots.markdown_table(rows)))

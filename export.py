@@ -74,7 +74,7 @@ def write_hf(out, model, source):
 
     tensors = hf_state_dict(model)
     files.atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config = hf_config(model.cfg, model.lm_head.weight.dtype)
+    config = hf_config(model)
     path = Path(models.resolve(source))
     if path.is_dir():
         for name in TOKENIZER_FILES:
@@ -100,6 +100,11 @@ def base_name(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    with files.hold(Path(args.out)):  # a train.py run writing into --out holds it too: one of them is refused
+        export(args)
+
+
+def export(args):
     dtype, why = models.pick_dtype(args.dtype, "cpu")  # the merge runs on the CPU
     print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", flush=True)
     model, _ = models.load(args.model, dtype)

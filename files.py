@@ -84,8 +84,11 @@ def writable(path, flag):
 
 def check_replace(out, force, sources):
     """Refuse an --out that write_dir may not replace: one that is, holds or lies inside a directory
-    it reads from (`sources`: {flag: path or None}), a file, or a non-empty directory without --force."""
+    it reads from (`sources`: {flag: path or None}), a symbolic link (write_dir would rename the link,
+    not the directory), a file, or a non-empty directory without --force."""
     out = Path(out)
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link: give the directory it points to, or another --out")
     for flag, source in sources.items():
         if source and Path(source).exists() and overlaps(out, source):
             raise ValueError(f"--out {out} is, holds or lies inside {flag} {source}: replacing it would "
@@ -100,9 +103,10 @@ def check_replace(out, force, sources):
 
 @contextlib.contextmanager
 def hold(out):
-    """This process's claim on --out for as long as the run lasts: an exclusive flock on the
-    directory itself (the kernel drops it when the process dies, so a killed run leaves no stale
-    lock). A directory made here for a run that then wrote nothing is removed again."""
+    """This process's claim on the directory it writes, for as long as it writes (train.py's --out
+    for the whole run, export.py's while it exports): an exclusive flock on the directory itself
+    (the kernel drops it when the process dies, so a killed run leaves no stale lock). A directory
+    made here for a run that then wrote nothing is removed again."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     made = not out.exists()
@@ -121,10 +125,16 @@ def hold(out):
 
 
 def check_out(out, resume):
-    """Refuse an --out that is not this run's to write: it must be empty, or hold this run unfinished
-    (a checkpoint, or the files of a run stopped before its first one) and --resume be given.
-    Returns the summary of a finished run that --resume finds, else None."""
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    """Refuse an --out that is not this run's to write: it must hold no symbolic link (the run would
+    write through it), and be empty, or hold this run unfinished (a checkpoint, or the files of a run
+    stopped before its first one) and --resume be given. Returns the summary of a finished run that
+    --resume finds, else None."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    links = sorted(p.name for p in entries if p.is_symlink())
+    if links:
+        raise ValueError(f"--out {out} holds a symbolic link ({links[0]}): a run writes only files of its own "
+                         "there; remove the link or choose another --out")
+    names = {p.name for p in entries}
     names -= {n for n in names if n.endswith(".tmp") and n.startswith(RUN_FILES)}  # atomic_write's, left by a kill
     if not names:
         return None

@@ -42,6 +42,9 @@ import training
 
 # ----------------------------------------------------------------------------- command line
 
+SEEDS = 2**32  # data._order seeds a generator with seed * 100003 + epoch, which must fit in 64 bits
+
+
 def parse_args(argv):
     """(the run's settings, the method's module, its Config, every setting's default for this run:
     training.defaults, which the recipe compares with) from the command line. A setting whose
@@ -61,6 +64,8 @@ def parse_args(argv):
     if args.batch_size % args.grad_accum:
         raise ValueError("--batch-size must be a multiple of --grad-accum")
     cli.non_negative(args, "clip", "weight_decay", "warmup")  # a negative clip would ascend the loss
+    if not 0 <= args.seed < SEEDS:
+        raise ValueError(f"--seed must be from 0 to {SEEDS - 1}, got {args.seed}")
     cli.check_device(args.device)
     plain = training.defaults(args, benchmarks.default_prompt(args.data, args.task),  # reads --data once
                               training.method_training(method))
@@ -188,6 +193,10 @@ def main(argv=None):
         finished = files.check_out(args.out, args.resume)
         if finished is None:
             return train(args, method, cfg, plain)
+        steps = finished.get("steps") if isinstance(finished, dict) else None
+        if steps != args.steps:  # its schedule ended and its optimizer state is gone: nothing to continue
+            raise ValueError(f"{args.out} holds a finished run of {steps} steps: --resume continues an unfinished "
+                             f"run and cannot extend a finished one to --steps {args.steps}; train into another --out")
         if first:
             print(f"{args.out} holds a finished run: nothing to resume")
         return finished
@@ -221,6 +230,7 @@ def train(args, method, cfg, plain):
     base_params = sum(p.numel() for p in model.parameters())
     base_buffers = {k for k, _ in model.named_buffers()}
     train_set, val_batch = training.load_data(args, tok)
+    inputs = training.inputs(args, train_set, val_batch)
     model.to(device)
     val_batch = tuple(t.to(device) for t in val_batch)
     torch.manual_seed(args.seed)  # the adapter's init does not depend on how loading went
@@ -236,18 +246,16 @@ def train(args, method, cfg, plain):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(args.warmup, args.steps, args.schedule))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     val_loss = training.val_closure(model, val_batch)
-    start = (training.load_checkpoint(ckpt, model, opt, sched, base_buffers, settings, scaler)
+    start = (training.load_checkpoint(ckpt, model, opt, sched, base_buffers, settings, inputs, scaler)
              if args.resume and ckpt.exists() else 0)
     if args.resume and not start:
         say(f"no checkpoint in {args.out}: starting from step 0")
     info = {"base_model": models.resolve(args.model), "model_config": dataclasses.asdict(model.cfg),
             "train_args": training.recorded(args), "method_defaults": applied,
             "recipe": training.recipe(args, cfg, plain)}
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if start:
-            trim_log(args.out / "log.jsonl", start)
-        log = open(args.out / "log.jsonl", "a" if start else "w")
+    if rank == 0 and start:
+        trim_log(args.out / "log.jsonl", start)
+    log = None  # opened with its first record: a run that fails before it leaves no empty log behind
 
     t_start, tokens, loss_avg = time.time(), 0, None
     with finish_the_step() as asked:  # Ctrl-C: this step ends and is checkpointed, then the run stops
@@ -267,6 +275,7 @@ def train(args, method, cfg, plain):
             if rank == 0 and (figures or progress):  # a method's figures (e.g. an ALoRA round) are never dropped
                 rec = {"step": step, "loss": task_loss, "penalty": penalty, "lr": lr,
                        "tokens_per_s": tokens / elapsed, **figures}
+                log = log or open(args.out / "log.jsonl", "a" if start else "w")
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if progress:
@@ -278,7 +287,7 @@ def train(args, method, cfg, plain):
             stop = stop_asked(asked, world, device)
             if rank == 0 and (stop or args.save_every and step % args.save_every == 0) and step < args.steps:
                 adapters.save_adapter(model, args.out, args.method, cfg, **info)
-                training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, step, scaler)
+                training.save_checkpoint(ckpt, model, opt, sched, base_buffers, settings, inputs, step, scaler)
             if stop and step < args.steps:
                 raise KeyboardInterrupt  # after the checkpoint of this step: --resume continues from it
 
@@ -290,7 +299,7 @@ def train(args, method, cfg, plain):
                "final_loss": loss_avg, "final_penalty": penalty, "val_loss": val_loss(), "ranks": ranks,
                "total_rank": sum(ranks.values())}
     if rank == 0:
-        log.close()
+        log.close()  # the last step always logs
         adapters.save_adapter(model, args.out, args.method, cfg, **info)
         files.write_json(args.out / "summary.json", summary)
         if ckpt.exists():

@@ -193,9 +193,12 @@ def recipe(run, cfg, plain):
 
 def fixed(run, cfg):
     """What a resumed run must share with the run it continues, as a checkpoint records it: the
-    settings marked fixed and the method's Config."""
+    settings marked fixed, the model and data paths as the places they lead to (`dir/../dir` is
+    `dir`), and the method's Config."""
+    paths = {"model": str(Path(models.resolve(run.model)).resolve()),
+             "data": run.data and str(Path(run.data).resolve())}
     return {**{f.name: getattr(run, f.name) for f in dataclasses.fields(run) if f.metadata["fixed"]},
-            **dataclasses.asdict(cfg)}
+            **paths, **dataclasses.asdict(cfg)}
 
 
 def recorded(run):
@@ -269,13 +272,20 @@ def method_state(model, base_buffers):
 
 # what save_checkpoint writes (besides cuda_rng and scaler, which depend on the hardware) -> its type
 CHECKPOINT = {"adapter": dict, "method_state": dict, "optimizer": dict, "scheduler": dict, "step": int,
-              "rng": torch.Tensor, "train_args": dict, "model_config": dict}
+              "rng": torch.Tensor, "train_args": dict, "model_config": dict, "inputs": dict}
 
 
-def save_checkpoint(path, model, opt, sched, base_buffers, settings, step, scaler=None):
+def inputs(run, train_set, val_batch):
+    """The fingerprints of what a run reads, which a resume compares by content: the model's files
+    (models.fingerprint) and the tokens it trains and validates on (data.fingerprint)."""
+    return {"model": models.fingerprint(run.model), "data": data.fingerprint([*train_set, val_batch])}
+
+
+def save_checkpoint(path, model, opt, sched, base_buffers, settings, inputs, step, scaler=None):
     state = {"adapter": adapters.adapter_state(model), "method_state": method_state(model, base_buffers),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "train_args": settings, "model_config": dataclasses.asdict(model.cfg)}
+             "rng": torch.get_rng_state(), "train_args": settings, "model_config": dataclasses.asdict(model.cfg),
+             "inputs": inputs}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     if scaler:
@@ -283,10 +293,11 @@ def save_checkpoint(path, model, opt, sched, base_buffers, settings, step, scale
     files.atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path, model, opt, sched, base_buffers, settings, scaler=None):
+def load_checkpoint(path, model, opt, sched, base_buffers, settings, inputs, scaler=None):
     """Restore everything save_checkpoint wrote, once it is checked to be what this run would have
-    written: its keys and types, its flags, its model, the adapter's tensors and the method's own
-    buffers (no others: a base weight is never written from a checkpoint). Returns its step."""
+    written: its keys and types, its flags, its model (its shape, then its files' content), its data
+    (the tokens), the adapter's tensors and the method's own buffers (no others: a base weight is
+    never written from a checkpoint). Returns its step."""
     try:
         state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
         wrong = sorted(k for k, kind in CHECKPOINT.items() if not isinstance(state.get(k), kind))
@@ -301,8 +312,16 @@ def load_checkpoint(path, model, opt, sched, base_buffers, settings, scaler=None
         raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}): "
                          "resume with the same flags or choose another --out")
     if state["model_config"] != dataclasses.asdict(model.cfg):
-        raise ValueError(f"{path} was written for another model than {settings['model'] or 'the default'}: "
+        raise ValueError(f"{path} was written for another model than {settings['model']}: "
                          "resume with the model the run started with")
+    if state["inputs"].get("model") != inputs["model"]:
+        raise ValueError(f"--model {settings['model']} holds other files than when {path} was written (other "
+                         "weights or config at the same path): resume with the model the run started with")
+    if state["inputs"].get("data") != inputs["data"]:
+        source = (f"--data {settings['data']}" if settings["data"] else
+                  f"--task {settings['task']}" if settings["task"] else "the built-in task")
+        raise ValueError(f"the training data ({source}) is not what {path} was written with (the data or "
+                         "the tokenizer changed since): resume with the data the run started with")
     adapters.check_tensors(state["adapter"], adapters.adapter_state(model), f"{path} (adapter)")
     adapters.check_tensors(state["method_state"], method_state(model, base_buffers), f"{path} (method state)")
     try:

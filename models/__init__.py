@@ -1,6 +1,8 @@
 """load(source) -> (model, tokenizer): the default model, a GGUF file, or a HF checkpoint directory;
-pick_dtype(name, device): the dtype every script runs the model in."""
+pick_dtype(name, device): the dtype every script runs the model in; fingerprint(source): what a
+resumed run compares its model's files by."""
 import contextlib
+import hashlib
 import importlib.util
 import re
 import time
@@ -37,6 +39,34 @@ def resolve(source=None):
     return str(default_path() if source in (None, "", "default") else Path(source))
 
 
+FINGERPRINT_HEAD, FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 1 << 20, 64, 1 << 16  # bytes read per file: ~5 MiB
+
+
+def fingerprint(source=None):
+    """A digest of the files a model source holds (a GGUF file; the files directly inside a checkpoint
+    directory, hidden ones aside), for a resumed run to tell whether its model is the one it started
+    with: each file's name and size, its first MiB (the header: tensor names, shapes and dtypes,
+    GGUF's metadata and vocabulary) and 64 blocks of 64 KiB spread evenly over the rest. Other
+    weights of the same shapes differ in nearly every block; reading ~5 MiB per file costs the same
+    for a 7B model as for a tiny one (a full hash of 14 GB would take most of a minute)."""
+    path = Path(resolve(source))
+    paths = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(FINGERPRINT_HEAD))
+            rest = size - FINGERPRINT_HEAD
+            if rest <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+                h.update(f.read())
+                continue
+            for k in range(FINGERPRINT_BLOCKS):
+                f.seek(FINGERPRINT_HEAD + (rest - FINGERPRINT_BLOCK) * k // (FINGERPRINT_BLOCKS - 1))
+                h.update(f.read(FINGERPRINT_BLOCK))
+    return h.hexdigest()
+
+
 LAYER = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")  # the block index in a tensor name
 
 
@@ -51,8 +81,7 @@ def build(cfg, sd, path):
     with torch.device("meta"):
         model = kind(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(cfg, "tie_embeddings", True)  # GPT-2 always ties
-    if tied:
+    if cfg.tie_embeddings:
         want.pop("lm_head.weight", None)
     missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
     wrong = [k for k in want.keys() & sd.keys() if tuple(sd[k].shape) != want[k]]
@@ -60,7 +89,7 @@ def build(cfg, sd, path):
         raise LoadError(f"{path}: tensors do not match the model's config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
     model.load_state_dict(sd, strict=False, assign=True)
-    if tied:  # assign gave the embedding a new Parameter: the head shares it again
+    if cfg.tie_embeddings:  # assign gave the embedding a new Parameter: the head shares it again
         model.lm_head.weight = (model.transformer.wte if kind is GPT else model.model.embed_tokens).weight
     return model
 
@@ -159,4 +188,5 @@ def load(source=None, dtype=torch.float32):
     return model.eval(), tokenizer
 
 
-__all__ = ["load", "resolve", "pick_dtype", "DTYPES", "LoadError", "Llama", "LlamaConfig", "GPT", "GPTConfig", "Tokenizer"]
+__all__ = ["load", "resolve", "fingerprint", "pick_dtype", "DTYPES", "LoadError", "Llama", "LlamaConfig", "GPT",
+           "GPTConfig", "Tokenizer"]

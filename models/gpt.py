@@ -1,4 +1,5 @@
-"""The GPT-2 decoder: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied head.
+"""The GPT-2 decoder: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, a head tied to the
+embeddings (untied only where a merge gave the head an adapter's ΔW).
 
 Names follow Hugging Face's GPT-2 (`transformer.h.3.attn.c_proj`, `mlp.c_fc`, ...), with one
 change: the fused `c_attn` is split at load time into `attn.q_proj`, `attn.k_proj`, `attn.v_proj`,
@@ -22,6 +23,7 @@ class GPTConfig:
     n_heads: int = 12
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
+    tie_embeddings: bool = True
 
 
 class Attention(nn.Module):
@@ -78,7 +80,8 @@ class GPT(nn.Module):
         self.transformer.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.transformer.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init)
 
     @staticmethod

@@ -179,15 +179,18 @@ def llama_config(c):
         qkv_bias=c["model_type"] == "qwen2")
 
 
-def gpt2_state_dict(raw):
-    """HF GPT-2 names and Conv1D (in, out) layouts -> ours: split c_attn, transpose matrices."""
+def gpt2_state_dict(raw, tied=True):
+    """HF GPT-2 names and Conv1D (in, out) layouts -> ours: split c_attn, transpose matrices; the
+    head's own weight only where it is not `tied` to wte."""
     sd = {}
     for k, v in raw.items():
         k = k.removeprefix("transformer.")
         if k.endswith(("attn.bias", "attn.masked_bias")) and not k.endswith("c_attn.bias"):
             continue  # causal-mask buffers of old checkpoints
         if k == "lm_head.weight":
-            continue  # tied to wte
+            if not tied:
+                sd[k] = v
+            continue
         is_conv = k.endswith(".weight") and any(s in k for s in ("c_attn", "c_proj", "c_fc"))
         v = v.t().contiguous() if is_conv else v
         if ".attn.c_attn." in k:
@@ -206,8 +209,9 @@ def read_hf_dir(path, dtype=torch.float32):
     if kind == "gpt2":
         cfg = GPTConfig(vocab_size=c["vocab_size"], dim=c["n_embd"], n_layers=c["n_layer"],
                         n_heads=c["n_head"], max_seq_len=c.get("n_positions", 1024),
-                        norm_eps=c.get("layer_norm_epsilon", 1e-5))
-        sd = gpt2_state_dict(raw)
+                        norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                        tie_embeddings=c.get("tie_word_embeddings", True))  # transformers' GPT-2 default
+        sd = gpt2_state_dict(raw, cfg.tie_embeddings)
     elif kind in ("llama", "mistral", "qwen2"):
         cfg = llama_config(c)
         sd = {k: v for k, v in raw.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -224,16 +228,25 @@ def read_hf_dir(path, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- writing Hugging Face
 
-def hf_config(cfg, dtype=torch.float32):
-    """config.json of the transformers model that matches `cfg`, its weights stored in `dtype`:
-    RoPE in `rope_parameters` as transformers 5 writes it, and again in transformers 4's keys
-    (`rope_theta`, `rope_scaling`), which 5 reads to the same values. q/k/v biases make it Qwen2."""
-    name = str(dtype).removeprefix("torch.")  # "bfloat16": transformers 5 reads "dtype", 4 "torch_dtype"
+def tied(model):
+    """Whether the model's head is its embedding's very tensor: a merge into an adapted head unties it."""
+    embed = model.transformer.wte if isinstance(model.cfg, GPTConfig) else model.model.embed_tokens
+    return model.lm_head.weight is embed.weight
+
+
+def hf_config(model):
+    """config.json of the transformers model that matches `model` (an adapter-free one), its weights
+    stored in the head's dtype: the head tied as `tied` says, RoPE in `rope_parameters` as
+    transformers 5 writes it, and again in transformers 4's keys (`rope_theta`, `rope_scaling`),
+    which 5 reads to the same values. q/k/v biases make it Qwen2."""
+    cfg, tie = model.cfg, tied(model)
+    # "bfloat16": transformers 5 reads "dtype", 4 "torch_dtype"
+    name = str(model.lm_head.weight.dtype).removeprefix("torch.")
     if isinstance(cfg, GPTConfig):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
                 "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True, "dtype": name, "torch_dtype": name}
+                "activation_function": "gelu_new", "tie_word_embeddings": tie, "dtype": name, "torch_dtype": name}
     kind = "qwen2" if cfg.qkv_bias else "llama"
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
     out = {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
@@ -241,7 +254,7 @@ def hf_config(cfg, dtype=torch.float32):
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
            "intermediate_size": cfg.hidden_dim, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+           "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": tie,
            "dtype": name, "torch_dtype": name}
     if cfg.rope_scaling:
         out["rope_scaling"] = cfg.rope_scaling
@@ -258,9 +271,8 @@ GPT2_QKV = re.compile(r"(transformer\.h\.\d+\.attn\.)([qkv])_proj")  # a third o
 def hf_state_dict(model):
     """The tensors of a plain (adapter-free) model under Hugging Face's names and layouts: the
     inverse of read_hf_dir. A tied head is left out, as save_pretrained leaves it out."""
-    gpt2 = isinstance(model.cfg, GPTConfig)
-    tied = gpt2 or model.cfg.tie_embeddings
-    sd = {k: v.detach() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    gpt2, tie = isinstance(model.cfg, GPTConfig), tied(model)
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
     if not gpt2:
         return {k: v.contiguous() for k, v in sd.items()}
     out = {}

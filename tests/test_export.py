@@ -136,6 +136,23 @@ def test_merged_export_equals_the_adapter(sources, family, tmp_path):
     close(logits(hf, ids()), logits(ours, ids()))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_export_of_an_adapted_tied_head_unties_it(sources, family, tmp_path):
+    """An adapter on a head tied to the embeddings: the merged export writes the head as a weight of
+    its own (tie_word_embeddings false), so transformers and our loader give the adapter's logits."""
+    src, _ = sources[family]
+    ours, cfg = with_random_adapter(src, "lora", r=2, targets=("q", "lm_head"))
+    save(ours, "lora", cfg, tmp_path / "ad")
+    export.main(["--format", "merged", "--adapter", str(tmp_path / "ad"), "--model", str(src),
+                 "--out", str(tmp_path / "m")])
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(tmp_path / "m" / "model.safetensors")
+    want = logits(ours, ids())
+    assert not torch.allclose(want, logits(models.load(src)[0], ids()), atol=1e-3)  # the adapter matters
+    close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), ids()), want)
+    close(logits(models.load(tmp_path / "m")[0], ids()), want)
+
+
 def test_gguf_export_ships_a_tokenizer_that_train_reads(tmp_path):
     """A GGUF's vocabulary becomes tokenizer.json: transformers and our loader split text alike,
     and train.py runs on the exported directory."""

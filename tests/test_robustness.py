@@ -28,6 +28,7 @@ import files
 import methods
 import models
 import train
+import training
 from conftest import interrupt_lora_run
 from helpers import FAST, FUZZ, ROOT, adapters_equal, run, snapshot
 
@@ -102,7 +103,7 @@ def test_an_out_that_is_not_this_runs_is_refused_untouched(tmp_path, tiny_checkp
 
 def test_resume_of_a_run_stopped_before_its_first_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     out = tmp_path / "run"
-    interrupt_lora_run(monkeypatch, train_args(tiny_checkpoint, out, steps=4), 2)
+    interrupt_lora_run(monkeypatch, train_args(tiny_checkpoint, out, "--log-every", "1", steps=4), 2)  # logged step 1
     with pytest.raises(ValueError, match="stopped before its first checkpoint: add --resume"):
         train.main(train_args(tiny_checkpoint, out, steps=4))
     train.main(train_args(tiny_checkpoint, out, "--resume", steps=4))
@@ -126,6 +127,71 @@ def test_export_never_replaces_what_it_reads(tmp_path, tiny_checkpoint, lora_run
         with pytest.raises(ValueError, match="is, holds or lies inside"):
             export.main([*args, "--force"])
         assert (snapshot(runs / "lora"), snapshot(model)) == before and (runs / "other").is_dir()
+
+
+def test_export_does_not_replace_the_out_of_a_running_train(tmp_path, tiny_checkpoint, lora_run):
+    """export.py --force holds the lock a train.py run holds on its --out: while a run writes into a
+    directory, an export into it is refused and what the run wrote stays."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(out)
+    with files.hold(out):  # as a running train.py holds it
+        with pytest.raises(ValueError, match="another run is writing into"):
+            export.main(["--format", "peft", "--adapter", str(lora_run), "--model", str(tiny_checkpoint),
+                         "--out", str(out), "--force"])
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_refuses_an_out_that_is_a_symbolic_link_and_leaves_nothing(tmp_path, tiny_checkpoint, lora_run):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    r = run("export.py", "--format", "peft", "--adapter", str(lora_run), "--model", str(tiny_checkpoint),
+            "--out", str(tmp_path / "link"), "--force")
+    assert "symbolic link" in one_line_error(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"] and (tmp_path / "link").is_symlink()
+    assert snapshot(target) == {"notes.txt": b"mine"}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_never_writes_through_a_symbolic_link_in_its_out(tmp_path, tiny_checkpoint, resume):
+    """A link inside --out (log.jsonl pointing at a file elsewhere) is refused before anything is
+    written, --resume or not: the file it points at is left as it was."""
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="symbolic link"):
+        train.main(train_args(tiny_checkpoint, out, *(["--resume"] if resume else [])))
+    assert elsewhere.read_text() == "keep me" and [p.name for p in out.iterdir()] == ["log.jsonl"]
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_nothing_so_the_retry_runs(tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "run"
+    real = training.train_step
+
+    def fail(*args, **kwargs):
+        raise FloatingPointError("the loss became nan at step 1")
+    monkeypatch.setattr(training, "train_step", fail)
+    with pytest.raises(FloatingPointError):
+        train.main(train_args(tiny_checkpoint, out))
+    assert not out.exists()
+    monkeypatch.setattr(training, "train_step", real)
+    assert train.main(train_args(tiny_checkpoint, out))["steps"] == 2
+
+
+def test_resume_of_a_finished_run_with_more_steps_is_refused(tmp_path, tiny_checkpoint, lora_run):
+    """--resume cannot extend a finished run (its schedule ended and its optimizer state is gone):
+    more --steps are refused with the reason; the same --steps find nothing to resume."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(out)
+    r = run("train.py", *train_args(tiny_checkpoint, out, "--resume", steps=4))
+    assert "a finished run of 2 steps" in one_line_error(r)
+    assert train.main(train_args(tiny_checkpoint, out, "--resume"))["steps"] == 2  # nothing to resume
+    assert snapshot(out) == before
 
 
 # ----------------------------------------------------------------------------- everything loaded is checked
@@ -246,6 +312,63 @@ def test_resume_onto_another_model_at_the_same_path_is_refused(tmp_path, tiny_ch
     write_checkpoint(model, tiny_llama(vocab_size=259, max_seq_len=512, dim=48))
     with pytest.raises(ValueError, match="written for another model"):
         train.main([*args, "--resume"])
+
+
+@pytest.fixture
+def cut_data_run(tmp_path, tiny_checkpoint, monkeypatch):
+    """A LoRA run on a copy of the tiny checkpoint and a data file, killed at step 3 with a checkpoint
+    of step 2; returns (its train.py arguments, the model directory, the data file)."""
+    model, records = tmp_path / "model", tmp_path / "d.json"
+    shutil.copytree(tiny_checkpoint, model)
+    records.write_text(json.dumps([{"instruction": f"Add {i} and 2.", "output": f"{i + 2}"} for i in range(12)]))
+    args = train_args(model, tmp_path / "cut", "--data", str(records), "--save-every", "2", steps=6)
+    interrupt_lora_run(monkeypatch, args, 3)
+    return args, model, records
+
+
+def test_resume_checks_the_data_and_the_model_by_content(tmp_path, cut_data_run):
+    """A data file rewritten, or other weights of the same shapes at the model's path, is refused on
+    --resume with one sentence naming it; the same files rewritten byte for byte resume."""
+    from conftest import tiny_llama, write_checkpoint
+    args, model, records = cut_data_run
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    before = snapshot(tmp_path / "cut")
+    original = records.read_bytes()
+    records.write_text(json.dumps([{"instruction": f"Add {i} and 3.", "output": f"{i + 3}"} for i in range(12)]))
+    with pytest.raises(ValueError, match=f"the training data \\(--data {records}\\) is not what"):
+        train.main([*args, "--resume"])
+    records.write_bytes(original)
+    weights = (model / "model.safetensors").read_bytes()
+    write_checkpoint(model, tiny_llama(seed=7, vocab_size=259, max_seq_len=512, dim=32))  # same shapes
+    with pytest.raises(ValueError, match=f"--model {model} holds other files"):
+        train.main([*args, "--resume"])
+    assert snapshot(tmp_path / "cut") == before
+    (model / "model.safetensors").write_bytes(weights)
+    os.utime(records, (0, 0))  # touched, not changed
+    train.main([*args, "--resume"])
+    assert not ckpt.exists() and json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_large_model_file_is_fingerprinted_by_its_header_and_blocks_spread_over_it(tmp_path):
+    """Past 5 MiB a file is read in part (its first MiB and 64 blocks of 64 KiB): the same bytes
+    written again give the same fingerprint, other weights behind the same header another."""
+    g = torch.Generator().manual_seed(0)
+    header, weights, other = (torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+                              for n in (1 << 20, 12 << 20, 12 << 20))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(header + weights)
+    first = models.fingerprint(path)
+    path.write_bytes(header + weights)
+    assert models.fingerprint(path) == first
+    path.write_bytes(header + other)
+    assert models.fingerprint(path) != first
+
+
+def test_resume_takes_the_model_and_data_by_where_they_are_not_how_they_are_spelled(tmp_path, cut_data_run):
+    args, model, records = cut_data_run
+    respelled = {str(model): f"{model}/../{model.name}", str(records): f"{tmp_path}/./{records.name}"}
+    train.main([respelled.get(a, a) for a in args] + ["--resume"])
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 6
 
 
 @pytest.fixture
@@ -420,6 +543,16 @@ def test_negative_optimizer_flags_are_refused(tmp_path, tiny_checkpoint, flag, v
     """A negative (or NaN) --clip, --weight-decay or --warmup is refused: a negative clip would ascend the loss."""
     with pytest.raises(ValueError, match=f"{flag} must be 0 or more"):
         train.main(train_args(tiny_checkpoint, tmp_path / "o", flag, value))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", [str(2**63 - 1), "-1", str(2**32)])
+def test_a_seed_out_of_range_is_refused_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch, seed):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(models, "load", no_load)
+    with pytest.raises(ValueError, match="--seed must be"):
+        train.main(train_args(tiny_checkpoint, tmp_path / "o", "--seed", seed))
     assert not (tmp_path / "o").exists()
 
 
