@@ -133,8 +133,8 @@ class Config:
     prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round;
                                         # None -> one per target name, fewer than the modules
     scoring: str = "candidates"  # "exact": Eq. 6 for every live rank (the paper); "candidates": where it decides
-    max_exact: int | None = 12  # "candidates": ranks scored exactly per round, at most (at least prune_per_round);
-                                # None -> no cap. 12 keeps a default run within 1.42x LoRA's (see the docstring)
+    max_exact: int | None = 12  # "candidates": at most this many ranks scored exactly a round (never fewer than
+                                # prune_per_round), uncapped if None; 12 keeps a default run within 1.42x LoRA's time
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
     def __post_init__(self):
