@@ -27,7 +27,7 @@ down mid-run slows every variant alike and the ratios stay fair even when the ab
   gates) over a validation batch of train.py's default --val-size (16) random sequences, timed
   beside the step; by the cost model (alora.py) they price a default round: "exact" 1 + 2 x (live
   ranks) forwards, "candidates" 2 gradient passes + 2 x (ranks scored exactly) forwards, at least
-  2 x prune_per_round of them. --alora-run also times a whole default run: ALoRA's against LoRA
+  2 x prune_per_round of them, at most max_exact. --alora-run also times a whole default run: ALoRA's against LoRA
   r=8's, train.py's own data, batch, validation set and --steps, the two runs' steps interleaved.
 - Merged inference: the logits of a LoRA merged into the base weights against the base model's.
 - The machine's limit: fp32 GEMM throughput of an n x n matmul, and the step's FLOPs counted, not
@@ -386,12 +386,15 @@ def bench_alora_round(base, batch, val_batch, repeats, device):
     cfg = alora.Config()
     k2, rounds = alora.schedule(cfg, TOTAL_STEPS)[1:]
     ranks, least = sum(alora.ranks(v.model).values()), 2 * len(cfg.targets)  # least: the fewest scored exactly
+    most = min(ranks, cfg.max_exact)  # the cap on the ranks a round scores exactly (at least n_A)
     out = {"k2": k2, "rounds": rounds, "val_size": val_batch[0].shape[0], "live_ranks": ranks, "least_scored": least,
-           "step_s": t["step"], "forward_s": t["forward"], "gradient_s": t["gradient"],
+           "most_scored": most, "step_s": t["step"], "forward_s": t["forward"], "gradient_s": t["gradient"],
            "exact_round_s": (1 + 2 * ranks) * t["forward"],
-           "candidates_round_s": 2 * t["gradient"] + 2 * least * t["forward"]}
-    # a default run: TOTAL_STEPS steps and `rounds` rounds that score no more than the least
-    out["candidates_run_over_steps"] = 1 + rounds * out["candidates_round_s"] / (TOTAL_STEPS * t["step"])
+           "candidates_round_s": 2 * t["gradient"] + 2 * least * t["forward"],
+           "capped_round_s": 2 * t["gradient"] + 2 * most * t["forward"]}
+    # a default run: TOTAL_STEPS steps and `rounds` rounds that score the least, or (capped) the most
+    for name in ("candidates", "capped"):
+        out[f"{name}_run_over_steps"] = 1 + rounds * out[f"{name}_round_s"] / (TOTAL_STEPS * t["step"])
     return out
 
 
@@ -787,9 +790,10 @@ def report(res):
         "",
         f"ALoRA round at the defaults (val batch {a['val_size']} x seq {s['seq_len']}, {a['live_ranks']} live "
         f"ranks): forward {a['forward_s']:.2f} s, gradient pass {a['gradient_s']:.2f} s, step {a['step_s']:.2f} s; "
-        f"exact round {a['exact_round_s']:.1f} s, candidates round (scoring the least, {a['least_scored']}) "
-        f"{a['candidates_round_s']:.1f} s; a {TOTAL_STEPS}-step run with {a['rounds']} such rounds "
-        f"{a['candidates_run_over_steps']:.2f}x its steps alone",
+        f"exact round {a['exact_round_s']:.1f} s, candidates round scoring the least ({a['least_scored']}) "
+        f"{a['candidates_round_s']:.1f} s, the most (max_exact, {a['most_scored']}) {a['capped_round_s']:.1f} s; "
+        f"a {TOTAL_STEPS}-step run with {a['rounds']} such rounds {a['candidates_run_over_steps']:.2f}x to "
+        f"{a['capped_run_over_steps']:.2f}x its steps alone",
         f"inference: merged LoRA forward {fwd['merged']:.3f} s, base forward {fwd['base']:.3f} s",
         f"GEMM fp32 {g['n']}^3: {g['gflops']:.1f} GFLOP/s; frozen step {res['frozen_step_gflop']:.1f} GFLOP "
         f"({100 * res['frozen_step_fraction_of_gemm']:.0f}% of GEMM), LoRA step {res['lora_step_gflop']:.1f} GFLOP "

@@ -38,20 +38,33 @@ Where this file departs from the paper, and why:
   ∂/∂gate_r) and one at all gates 0, the base model (val_loss(M_r) ≈ val_loss(base) + ∂/∂gate_r);
   (2) scores exactly the 2 · prune_per_round lowest estimates; (3) widens: every rank whose
   estimate, less the largest |exact − estimate| seen on a scored rank, is at or below the
-  prune_per_round-th lowest exact score is scored too, until none is left. The ranks pruned are the
-  lowest exact scores. They equal full exact scoring's whenever no unscored rank's estimate errs by
-  more than the worst scored one's (an assumption, not a bound: the estimate has no error bound
-  short of scoring everything). Footnote 3's module means, which only order the modules that
-  receive, use the estimates: exact means would need every rank of the leading modules scored,
-  2 · r forwards each.
-- Cost of a round, in forwards F of the validation batch (F grows with its V examples), R live
-  ranks, C ranks scored exactly, G a gate-gradient pass (forward keeping activations + backward to
-  the gates, a few F): "exact" (1 + 2 R) F, 961 F on the default model (480 ranks); "candidates"
-  2 G + 2 C F, C ≥ 2 · prune_per_round (4 at the defaults). Starting at 2 · prune_per_round gives
-  the error estimate more than the ranks to be pruned to learn from; each rank the widening adds
-  costs 2 F. Measured units, run ratios and what the paper's own schedule would cost: docs/bench.md.
-  The ablations cannot be batched into fewer calls: val_loss returns one number for the whole
-  batch, and on a CPU a forward over k copies of the batch costs about k forwards anyway.
+  prune_per_round-th lowest exact score is scored too, lowest estimates first, until none is left
+  or max_exact ranks are scored. The ranks pruned are the lowest exact scores among those scored,
+  so no rank is pruned on an estimate. They equal full exact scoring's whenever the round settles
+  before the cap and no unscored rank's estimate errs by more than the worst scored one's (an
+  assumption, not a bound: the estimate has no error bound short of scoring everything).
+  Why a cap: on a bf16 or fp16 base, Eq. 6's differences of two losses carry the rounding of the
+  low-precision forwards, which exceeds the gaps between the lowest scores of many small ranks;
+  the estimates, from gradients, carry no such difference, so |exact − estimate| is then mostly
+  rounding, and the widening runs on over ranks that only rounding tells apart. A better estimate
+  costs more than it saves: the first-order error is ½(∂²/∂gate_r² at M − at the base) + O(3),
+  a per-rank curvature the two backwards do not hold; a trapezoid (the gradient also at M∖r and
+  at M_r) costs 2 gradient passes a rank, more than Eq. 6's 2 forwards.
+  Footnote 3's module means, which only order the modules that receive, use the estimates: exact
+  means would need every rank of the leading modules scored, 2 · r forwards each.
+- Cost of a round, in forwards F of the validation batch (F grows with its V examples, about in
+  proportion), R live ranks, C ranks scored exactly, G a gate-gradient pass (forward keeping
+  activations + backward to the gates, a few F): "exact" (1 + 2 R) F; "candidates" 2 G + 2 C F,
+  C from 2 · prune_per_round up to max_exact (never below prune_per_round, never above R). Starting
+  at 2 · prune_per_round gives the error estimate more than the ranks to be pruned to learn from; each
+  rank the widening adds costs 2 F. max_exact's default: the paper's Table 4 spends 1.42x LoRA's
+  time, so a run of T steps with N_A rounds may spend 0.42 T / N_A steps a round, C ≤ (0.42 T /
+  N_A − 2 G) / 2 F; at the default schedule (T = 150, N_A = 8) with the units measured on the
+  default model (F ≈ 0.26 step, G ≈ 2.5 F: docs/bench.md) that is (7.9 − 1.3) / 0.52 ≈ 12.
+  Measured units, run ratios and what the paper's own setting (|B_val| = 32, every rank exact)
+  would cost here: docs/bench.md. The ablations cannot be batched into fewer calls: val_loss
+  returns one number for the whole batch, and on a CPU a forward over k copies of the batch costs
+  about k forwards anyway.
 - Zeroing a new rank's AdamW moments leaves the tensor's shared step count as it is, so Adam's
   bias correction is already ~1 for those entries: their first updates are somewhat larger than
   a fresh optimizer's would be.
@@ -120,6 +133,8 @@ class Config:
     prune_per_round: int | None = None  # n_A, ranks pruned (and reallocated) per round;
                                         # None -> one per target name, fewer than the modules
     scoring: str = "candidates"  # "exact": Eq. 6 for every live rank (the paper); "candidates": where it decides
+    max_exact: int | None = 12  # "candidates": at most this many ranks scored exactly a round (never fewer than
+                                # prune_per_round), uncapped if None; 12 keeps a default run within 1.42x LoRA's time
     targets: tuple[str, ...] = ("q", "v")  # logical names (q k v o gate up down fc proj) or module suffixes
 
     def __post_init__(self):
@@ -136,6 +151,8 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rounds is not None and self.rounds < 0:
             raise ValueError(f"rounds must be zero or more, got {self.rounds}")
+        if self.max_exact is not None and self.max_exact <= 0:
+            raise ValueError(f"max_exact must be positive or None, got {self.max_exact}")
         if self.scoring not in ("candidates", "exact"):
             raise ValueError(f"scoring must be 'candidates' or 'exact', got {self.scoring!r}")
 
@@ -371,17 +388,19 @@ def estimates(mods, val_loss):
     return base, {k: v if math.isfinite(v) else -math.inf for k, v in est.items()}
 
 
-def certified_lowest(mods, val_loss, n_prune):
+def certified_lowest(mods, val_loss, n_prune, max_exact=None):
     """(val_loss(M), first-order IS of every live rank, exact IS of the ranks scored): scores exactly
     the 2 · n_prune lowest estimates, then every rank whose estimate, less the largest |exact −
     estimate| seen so far, is at or below the n_prune-th lowest exact score, until none is left: a
     rank left unscored can then be among the n_prune lowest only if its estimate errs by more than
-    every scored rank's did."""
+    every scored rank's did. max_exact (None: no cap; never below n_prune) stops the widening once
+    that many ranks are scored, the lowest estimates first."""
     base, est = estimates(mods, val_loss)
     order = sorted(est, key=lambda k: (est[k], k))
+    cap = len(order) if max_exact is None else max(max_exact, n_prune)
     exact, batch = {}, order[:2 * n_prune]
-    while batch:
-        exact.update(exact_scores(mods, val_loss, base, batch))
+    while batch and len(exact) < cap:
+        exact.update(exact_scores(mods, val_loss, base, batch[:cap - len(exact)]))
         err = max(abs(exact[k] - est[k]) for k in exact)
         kth = sorted(exact.values())[min(n_prune, len(exact)) - 1]
         batch = [k for k in order if k not in exact and est[k] - err <= kth]
@@ -422,17 +441,17 @@ def grow(m, n, optimizer, generator=None):
     reset_state(optimizer, m.lora_B, (slice(None), slots))
 
 
-def allocation_round(model, optimizer, val_loss, n_prune, scoring="exact", generator=None):
+def allocation_round(model, optimizer, val_loss, n_prune, scoring="exact", generator=None, max_exact=None):
     """Score, prune the n_prune lowest, reallocate to the modules that lost none. scoring "exact":
     every live rank by Eq. 6; "candidates": first-order estimates, confirmed exactly where they
-    decide (certified_lowest). Returns (val_loss(M), pruned module names, grown module names, ranks
-    scored exactly)."""
+    decide, at most max_exact of them (certified_lowest). Returns (val_loss(M), pruned module names,
+    grown module names, ranks scored exactly)."""
     mods = layers(model)
     if scoring == "exact":
         base, exact = importance(model, val_loss)
         means = exact
     else:
-        base, means, exact = certified_lowest(mods, val_loss, n_prune)
+        base, means, exact = certified_lowest(mods, val_loss, n_prune, max_exact)
     ranked = sorted((s, name, j) for (name, j), s in exact.items())
     pruned = ranked[:n_prune]
     with torch.no_grad():
@@ -484,7 +503,7 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     under torch.no_grad(); val_loss(grad=True) returns the same loss as a tensor with its autograd
     graph (eval mode, gradients on), for one backward. Either leaves the model's mode as it found it.
     A round calls it with the gates changed in between: scoring "exact", 1 + 2 · (live ranks) times;
-    "candidates", twice with grad=True and 2 · (ranks scored exactly) times without."""
+    "candidates", twice with grad=True and 2 · (ranks scored exactly, at most max_exact) times without."""
     check_step(step, total_steps)
     cfg = config(model)
     k = round_at(cfg, step, total_steps)
@@ -495,7 +514,8 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
                          "after_step's docstring)")
     n_prune = cfg.prune_per_round or default_prune(cfg, len(layers(model)))
     generator = torch.Generator().manual_seed(step)  # the same choices on every DDP process
-    base, pruned, grown, scored = allocation_round(model, optimizer, val_loss, n_prune, cfg.scoring, generator)
+    base, pruned, grown, scored = allocation_round(model, optimizer, val_loss, n_prune, cfg.scoring, generator,
+                                                   cfg.max_exact)
     r = ranks(model)
     return {"round": k, "scored_val_loss": base, "live_rank": sum(r.values()), "scored": scored, "pruned": pruned,
             "added": grown, "ranks": r}

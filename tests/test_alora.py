@@ -263,6 +263,50 @@ def test_round_calls_val_loss_as_the_cost_model_says(seed, n_prune, r, scoring):
         assert min(2 * n_prune, live) <= scored <= live
 
 
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_prune=st.integers(1, 4), r=st.integers(1, 4), extra=st.integers(0, 2),
+       targets=st.sampled_from([("q", "v"), ("q", "v", "o"), ("k", "up")]), max_exact=st.integers(1, 10))
+def test_a_round_scores_at_most_max_exact_ranks_exactly_and_prunes_only_those(seed, n_prune, r, extra, targets,
+                                                                              max_exact):
+    """Never more than max(max_exact, n_prune) ranks scored by Eq. 6 (2 forwards each, after the two
+    gradient passes); the ranks switched off are the n_prune lowest exact scores among them."""
+    model = trained(tiny_llama, seed, r=r, rmax=r + extra, targets=targets)
+    live = sum(alora.ranks(model).values())
+    before = {n: m.lora_gate.clone() for n, m in alora.layers(model).items()}
+    calls, scored = [], {}
+    exact_scores = alora.exact_scores
+
+    def recorded(mods, val_loss, base, slots):
+        out = exact_scores(mods, val_loss, base, slots)
+        scored.update(out)
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(alora, "exact_scores", recorded)
+        _, _, _, count = alora.allocation_round(
+            model, torch.optim.AdamW(alora.param_groups(model, 1e-3, 0.0)),
+            closure(model, *batch(model, seed + 1), calls), n_prune, "candidates", max_exact=max_exact)
+    cap = max(max_exact, n_prune)
+    assert count == len(scored) and min(2 * n_prune, live, cap) <= count <= min(cap, live)
+    assert calls == [True, True] + [False] * (2 * count)
+    lowest = sorted(scored, key=lambda k: (scored[k], *k))[:n_prune]
+    assert switched_off(before, model) == set(lowest)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 1000), n_prune=st.integers(1, 4), over=st.integers(0, 4), gpt=st.booleans())
+def test_a_cap_at_or_above_the_live_ranks_changes_no_round(seed, n_prune, over, gpt):
+    model = trained(tiny_gpt if gpt else tiny_llama, seed, r=3, rmax=5, targets=("q", "v", "o"))
+    twin, x_y = copy.deepcopy(model), batch(model, seed + 1, B=4)
+    live = sum(alora.ranks(model).values())
+    rounds = [alora.allocation_round(m, torch.optim.AdamW(alora.param_groups(m, 1e-3, 0.0)), closure(m, *x_y),
+                                     n_prune, "candidates", max_exact=cap)
+              for m, cap in ((model, None), (twin, live + over))]
+    assert rounds[0] == rounds[1]
+    assert alora.ranks(model) == alora.ranks(twin)
+    assert all(torch.equal(a.lora_gate, b.lora_gate) for a, b in zip(alora.layers(model).values(),
+                                                                     alora.layers(twin).values()))
+
+
 class Overflow(torch.autograd.Function):
     """The identity whose backward overflows, as an fp16 backward can."""
 
@@ -431,7 +475,7 @@ def test_save_load_identical_logits(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(r=0), dict(r=4, rmax=3), dict(dropout=1.0), dict(k1=0), dict(k2=-1),
-                                dict(rounds=-1), dict(prune_per_round=0), dict(scoring="some")])
+                                dict(rounds=-1), dict(prune_per_round=0), dict(scoring="some"), dict(max_exact=0)])
 def test_bad_config(kw):
     with pytest.raises(ValueError):
         alora.Config(**kw)
@@ -439,7 +483,7 @@ def test_bad_config(kw):
 
 def test_config_defaults():
     cfg = alora.Config()
-    assert (cfg.r, cfg.rmax, cfg.alpha, cfg.scoring) == (8, 16, 16.0, "candidates")
+    assert (cfg.r, cfg.rmax, cfg.alpha, cfg.scoring, cfg.max_exact) == (8, 16, 16.0, "candidates", 12)
     assert alora.Config(r=5).rmax == 10
 
 
