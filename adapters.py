@@ -113,6 +113,30 @@ def read_config(adapter_dir):
     return meta
 
 
+# the summary.json fields the results table reads (plots.run_facts) -> whether a value is one train.py writes
+SUMMARY_FIELDS = {"seconds": lambda v: _number(v) and v >= 0, "total_rank": lambda v: _count(v, 0),
+                  "live_params": lambda v: _count(v, 0), "steps": lambda v: _count(v, 1)}
+
+
+def read_summary(adapter_dir):
+    """summary.json's content ({} where the directory has none, as a PEFT adapter has not), its
+    fields the results table reads of the types train.py writes them in."""
+    path = Path(adapter_dir) / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise AdapterError(f"{path} is not JSON ({' '.join(str(e).split())[:80]})") from None
+    if not isinstance(summary, dict):
+        raise AdapterError(f"{path} is not a run summary (a {type(summary).__name__}, not an object)")
+    wrong = [k for k, ok in SUMMARY_FIELDS.items() if k in summary and not ok(summary[k])]
+    if wrong:
+        raise AdapterError(f"{path}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the type "
+                           "train.py writes")
+    return summary
+
+
 def load_adapter(model, adapter_dir):
     """Apply the saved method and Config to `model` and load its tensors (strictly).
     Returns (model, meta): meta is config.json's content (method, config, and what train.py
@@ -332,7 +356,12 @@ def peft_factors(adapter_dir, c):
         if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
             raise AdapterError(f"{path}: the LoRA of {name} has ranks {ab['A'].shape[0]} (A) and "
                                f"{ab['B'].shape[1]} (B) where its config gives {r}")
-        factors[name] = (ab["A"], peft_scale(c, name, r) * ab["B"])
+        scale = peft_scale(c, name, r)
+        # every entry of ΔW = scale B A is at most r |scale| max|B| max|A| (in float64, where 1e308 stays a number)
+        if not r * abs(scale) * float(ab["B"].abs().max()) * float(ab["A"].abs().max()) < torch.finfo().max:
+            raise AdapterError(f"{path}: lora_alpha / r gives {name} the scale {scale:g}, which makes its update "
+                               "overflow float32")
+        factors[name] = (ab["A"], scale * ab["B"])
     return our_lora(factors)
 
 

@@ -600,7 +600,7 @@ def parse_args(argv):
                    help="side of the random SVD matrix (default: 4096; 1024 with --quick)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the matmul that measures GFLOP/s")
     p.add_argument("--no-peft", action="store_true", help="leave peft out even where it is installed")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["auto", *models.DTYPES], default="auto",
                    help="the low-precision base compared with float32 (fp32, or auto choosing it: no comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -619,9 +619,8 @@ def parse_args(argv):
                          "or --model, not --size")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    cli.check_device(args.device)
     args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch build sees no GPU")
     return args
 
 

@@ -191,8 +191,11 @@ def _example(path, i, rec):
     extra, response, answer = rec.get("input"), rec.get("output"), rec.get("answer")
     if not isinstance(rec["instruction"], str):
         raise DataError(f"{path}: record {i}'s 'instruction' is not a string")
-    extra = extra.strip() if isinstance(extra, str) else ""
-    response = response if isinstance(response, str) else ""
+    for key in ("input", "output"):  # absent or null: none; anything else would be read as an empty text
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise DataError(f"{path}: record {i}'s '{key}' is not a string")
+    extra = extra.strip() if extra is not None else ""
+    response = response if response is not None else ""
     if isinstance(answer, list) and len(answer) == 1:  # LLM-Adapters' math files: ["C"], [68.0]
         answer = answer[0]
     if isinstance(answer, float) and answer.is_integer():

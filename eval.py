@@ -87,6 +87,8 @@ def parse_args(argv):
     if args.json:
         check_json(args.json)  # before the evaluation, not after it
     configs = {d: adapters.read_config(d) for d in args.adapter}  # fail before the model loads
+    for d in args.adapter:  # and before the base row, whose results a bad summary would lose
+        adapters.read_summary(d)
     args.prompt = args.prompt or trained_prompt(configs) or benchmarks.default_prompt(args.data, args.task)
     return args
 

@@ -27,6 +27,7 @@ import data
 import eval as evaluate
 import adapters
 import models
+import training
 
 
 def parse_args(argv):
@@ -40,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without a template")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="at most this many tokens per answer; it ends sooner at the model's stop token (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=training.finite, default=0.0,
                    help="sampling temperature; 0 picks the likeliest token every time (default: 0, greedy)")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample among the k likeliest tokens only (default: among all of them)")

@@ -175,10 +175,10 @@ def parse_args(argv):
                    help="comma-separated (default: all; LoRA first, for the loss ratio)")
     p.add_argument("--steps", type=int, default=150, help="training steps of every method")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    p.add_argument("--lr", type=float, default=None, help="AdamW's learning rate, for every method (default: each "
+    p.add_argument("--lr", type=training.finite, default=None, help="AdamW's learning rate, for every method (default: each "
                    "method's own, as in train.py: its TRAINING lr, else 1e-3)")
     p.add_argument("--dim", type=int, default=256, help="each module is dim x dim")
-    p.add_argument("--noise", type=float, default=0.03, help="label noise, standard deviation per output")
+    p.add_argument("--noise", type=training.finite, default=0.03, help="label noise, standard deviation per output")
     p.add_argument("--seed", type=int, default=0, help="seeds the modules, the data and the adapters")
     p.add_argument("--out", default="out/planted", help="where planted.json and ranks.png go")
     args = p.parse_args(argv)
@@ -186,6 +186,8 @@ def parse_args(argv):
     if unknown:
         raise ValueError(f"unknown method {', '.join(unknown)}: choose from {', '.join(methods.NAMES)}")
     cli.positive(args, "steps", "batch_size", "lr", "dim")
+    if args.dim < max(PLANTED):
+        raise ValueError(f"--dim must be at least {max(PLANTED)}, the largest planted rank, got {args.dim}")
     return args
 
 

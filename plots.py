@@ -40,16 +40,6 @@ def pyplot():
 
 # ----------------------------------------------------------------------------- reading runs
 
-def read_json(path, default=None):
-    path = Path(path)
-    if not path.exists():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise adapters.AdapterError(f"{path} is not JSON ({e})") from None
-
-
 def read_log(adapter_dir):
     """log.jsonl as a list of records ([] when the run left none)."""
     path = Path(adapter_dir) / "log.jsonl"
@@ -71,7 +61,7 @@ def run_facts(adapter_dir, meta):
     """Row fields from the adapter's training run: train seconds, total rank, steps, and its recipe
     (the train.py flags that differ from their defaults, as train.py recorded them in config.json,
     whose content `meta` is)."""
-    summary = read_json(Path(adapter_dir) / "summary.json", {})
+    summary = adapters.read_summary(adapter_dir)
     facts = {"flags": meta.get("recipe", "")}
     for key, src in (("train_seconds", "seconds"), ("total_rank", "total_rank"), ("live_params", "live_params"),
                      ("steps", "steps")):

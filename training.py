@@ -80,9 +80,18 @@ class RunConfig:
                          "on this device, measured; fp16: CUDA or AVX512-FP16 only)", choices=("auto", *models.DTYPES))
 
 
+def finite(text):
+    """A float flag's type: a number, never NaN or ±inf, refused as the flag is parsed (argparse names
+    it), so a non-finite value never reaches a run to surface as a non-finite loss."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_flags(parser, config_cls):
-    """One flag per dataclass field (`init_r` -> `--init-r`): the type comes from the annotation, the
-    default from the field; help, choices and groups of flags that exclude each other from the
+    """One flag per dataclass field (`init_r` -> `--init-r`): the type comes from the annotation (a
+    float's is finite()), the default from the field; help, choices and groups of flags that exclude each other from the
     field's metadata where it has them (RunConfig's do), else the help is the comment on the field's
     line (a method's Config documents its fields so); cli.HelpFormatter adds the default."""
     hints = typing.get_type_hints(config_cls)
@@ -104,7 +113,7 @@ def add_flags(parser, config_cls):
                                default=f.default, metavar="A,B,...", help=f"{help} (default: {','.join(f.default)})")
         else:
             kind = args[0] if args else hint  # `int | None` -> int
-            where.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=help)
+            where.add_argument(flag, type=finite if kind is float else kind, default=f.default, choices=meta.get("choices"), help=help)
 
 
 def field_comments(cls):

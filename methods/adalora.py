@@ -88,6 +88,7 @@ stay float32; its matmuls run in the model's dtype, as autocast's would; merge r
     method.merge(model)                               # the original layers again, W = W0 + ΔW
 """
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,11 +134,11 @@ class Config:
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be non-negative, got {self.orth_reg_weight}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
-        if not 0 < self.e_lr_scale < float("inf"):
+        if not 0 <= self.orth_reg_weight < math.inf:
+            raise ValueError(f"orth_reg_weight must be a finite number >= 0, got {self.orth_reg_weight}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
+        if not 0 < self.e_lr_scale < math.inf:
             raise ValueError(f"e_lr_scale must be a positive number, got {self.e_lr_scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -144,6 +144,8 @@ class Config:
             self.rmax = 2 * self.r
         if self.rmax < self.r:
             raise ValueError(f"rmax must be at least r = {self.r}, got {self.rmax}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("k1", "k2", "prune_per_round"):
@@ -273,7 +275,11 @@ def apply(model, cfg: Config):
     """Wrap every target layer in place and freeze everything but the adapter tensors."""
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("the model already has an adapter: apply() once, to a model without one")
-    for name, layer in find_targets(model, cfg.targets).items():
+    targets = find_targets(model, cfg.targets)
+    if cfg.prune_per_round is not None and cfg.prune_per_round >= cfg.r * len(targets):  # the budget is known here
+        raise ValueError(f"prune_per_round must be below the total rank, r x modules = {cfg.r * len(targets)} "
+                         f"(a round would prune every rank), got {cfg.prune_per_round}")
+    for name, layer in targets.items():
         replace(model, name, ALoRALinear(layer, cfg))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name

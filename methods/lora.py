@@ -63,6 +63,8 @@ class Config:
     def __post_init__(self):
         if self.r <= 0:
             raise ValueError(f"r must be positive, got {self.r}")
+        if not 0 < self.alpha < math.inf:  # 0 scales ΔW and both gradients to nothing: nothing would train
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -136,10 +136,10 @@ class Config:
             raise ValueError(f"rmax must be positive, got {self.rmax}")
         if not 0 < self.target_density <= 1:
             raise ValueError(f"target_density must be in (0, 1], got {self.target_density}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be non-negative, got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.beta < math.inf:
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if not 0 <= self.t_start < self.t_end <= 1:
             raise ValueError(f"t_start and t_end are fractions of the run with 0 <= t_start < t_end <= 1, got "
                              f"{self.t_start} and {self.t_end}")
@@ -147,6 +147,8 @@ class Config:
             raise ValueError(f"lagrangian_lr_total must be a finite number >= 0, got {self.lagrangian_lr_total}")
         if not 0 < self.gate_lr_total < math.inf:
             raise ValueError(f"gate_lr_total must be a positive number, got {self.gate_lr_total}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if not 0 < self.droprate_init < 1:
             raise ValueError(f"droprate_init must be in (0, 1), got {self.droprate_init}")
         if not 0 <= self.dropout < 1:

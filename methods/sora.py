@@ -116,8 +116,8 @@ class Config:
             raise ValueError(f"rmax must be positive, got {self.rmax}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if self.regime not in ("library", "reference"):
             raise ValueError(f"regime must be 'library' or 'reference', got {self.regime!r}")
         if not 0 < self.gate_lr_total < math.inf:

@@ -2,8 +2,11 @@
 pick_dtype(name, device): the dtype every script runs the model in; fingerprint(source): what a
 resumed run compares its model's files by."""
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
+import math
+import numbers
 import re
 import time
 from pathlib import Path
@@ -70,10 +73,65 @@ def fingerprint(source=None):
 LAYER = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")  # the block index in a tensor name
 
 
+def positive_number(v, integer=False):
+    """Is `v` a number > 0 (finite; an int where `integer`)? bool is no number here."""
+    kind = numbers.Integral if integer else numbers.Real
+    return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# what llama.py's RoPE scaling divides by or compares with: the keys weights.ROPE_KEYS names
+ROPE_NUMBERS = {"factor": False, "low_freq_factor": False, "high_freq_factor": False,
+                "original_max_position_embeddings": True}
+
+
+def check_config(cfg, path):
+    """Refuse a config value the model cannot be built or run with, naming it: a size, a count or a
+    context that is not a positive int, a norm eps, RoPE θ or scaling parameter that is not a positive
+    finite number, heads that do not divide the width, a flag that is not a bool. A NaN or a negative
+    eps would otherwise surface only as a non-finite loss, a string or a negative count as a traceback."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type is int and not positive_number(v, integer=True):
+            raise LoadError(f"{path}: the config's {f.name} must be a positive integer, got {v!r}")
+        if f.type is float and not positive_number(v):
+            raise LoadError(f"{path}: the config's {f.name} must be a positive finite number, got {v!r}")
+        if f.type is bool and not isinstance(v, bool):
+            raise LoadError(f"{path}: the config's {f.name} must be true or false, got {v!r}")
+    n_kv = getattr(cfg, "n_kv_heads", cfg.n_heads)
+    if cfg.dim % cfg.n_heads or cfg.n_heads % n_kv or isinstance(cfg, LlamaConfig) and cfg.dim // cfg.n_heads % 2:
+        raise LoadError(f"{path}: the config's {cfg.n_heads} heads ({n_kv} for keys and values) do not divide its "
+                        f"width {cfg.dim} into heads of an even width, shared evenly")
+    s = getattr(cfg, "rope_scaling", None) or {}
+    for key, value in s.items():
+        if key in ROPE_NUMBERS and not positive_number(value, integer=ROPE_NUMBERS[key]):
+            raise LoadError(f"{path}: the config's RoPE {key} must be a positive "
+                            f"{'integer' if ROPE_NUMBERS[key] else 'finite number'}, got {value!r}")
+    if s.get("rope_type") == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:  # smooth's divisor
+        raise LoadError(f"{path}: the config's RoPE high_freq_factor must exceed its low_freq_factor, got "
+                        f"{s['high_freq_factor']} and {s['low_freq_factor']}")
+
+
+def check_weights(sd, path):
+    """Refuse a tensor holding NaN or inf (in the dtype it was loaded in): a trained model has none,
+    and any would make every loss non-finite. One pass over the weights, at load only."""
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise LoadError(f"{path}: tensor {k} holds NaN or infinite values (in {str(v.dtype).removeprefix('torch.')})")
+
+
+def check_tokenizer(tokenizer, cfg, path):
+    """Refuse a tokenizer whose ids (a special token's among them) reach past the model's embeddings:
+    the first such token would index out of range in training, evaluation or generation."""
+    if tokenizer is not None and tokenizer.enc.n_vocab > cfg.vocab_size:
+        raise LoadError(f"{path}: the tokenizer has ids up to {tokenizer.enc.n_vocab - 1}, past the model's "
+                        f"{cfg.vocab_size} embeddings: the tokenizer does not belong to this model")
+
+
 def build(cfg, sd, path):
     """The model for `cfg` holding the tensors `sd` (in the dtype the reader gave them). It is built
     on the meta device and takes the tensors themselves (assign): no random init, no second copy. So
-    its shapes are checked first, and a config that disagrees with its weights allocates nothing."""
+    its config and shapes are checked first, and a config that disagrees with its weights allocates nothing."""
+    check_config(cfg, path)
     kind = GPT if isinstance(cfg, GPTConfig) else Llama
     present = {m[1] for k in sd if (m := LAYER.match(k))}
     if cfg.n_layers != len(present):  # before the build: 20,000 layers take a minute even on meta
@@ -88,6 +146,7 @@ def build(cfg, sd, path):
     if missing or unexpected or wrong:
         raise LoadError(f"{path}: tensors do not match the model's config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
+    check_weights(sd, path)
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:  # assign gave the embedding a new Parameter: the head shares it again
         model.lm_head.weight = (model.transformer.wte if kind is GPT else model.model.embed_tokens).weight
@@ -180,6 +239,7 @@ def load(source=None, dtype=torch.float32):
         else:
             raise LoadError(f"{path}: expected a .gguf file or a checkpoint directory")
         model = build(cfg, sd, path)
+        check_tokenizer(tokenizer, cfg, path)
     except LoadError:
         raise
     except Exception as e:  # corrupt or foreign files: one sentence, not a traceback

@@ -10,6 +10,7 @@ and WordPiece are refused with what they are. Chat prompts render the checkpoint
 template as transformers does (jinja2 imported only then), else a built-in ChatML or Llama-3 format.
 """
 import base64
+import contextvars
 import datetime
 import functools
 import heapq
@@ -152,12 +153,19 @@ class Tokenizer:
         template = compile_template(self.template)
         import jinja2  # compile_template has imported it
 
+        budget = WORK_LEFT.set([TEMPLATE_WORK])
         try:
             return template.render(**context)
-        except (jinja2.TemplateError, TypeError, ArithmeticError) as e:
+        except TooMuchWork:
+            raise ValueError(f"the chat template in {self.template_from} does more than {TEMPLATE_WORK:,} steps of "
+                             "work on one chat (loop iterations, range and repeat sizes): refused, as a template "
+                             "that may never end") from None
+        except (jinja2.TemplateError, TypeError, ArithmeticError, RecursionError) as e:
             reason = " ".join(str(e).split()).rstrip(".")
             raise ValueError(f"the chat template in {self.template_from} failed on the messages "
                              f"({type(e).__name__}: {reason})") from None
+        finally:
+            WORK_LEFT.reset(budget)
 
     def prompt(self, user):
         """Token ids of a one-turn chat prompt that ends where the assistant's answer starts."""
@@ -170,17 +178,75 @@ def jinja_installed():
     return importlib.util.find_spec("jinja2") is not None
 
 
+# The work one render of a chat template may do, counted in loop iterations (a recursive loop's
+# too), items of the ranges it makes and items of the strings and lists it repeats with `*` (and
+# the exponent of a `**`): the sandbox bounds what a template may call, this how long it may run.
+# A chat template loops over the messages a few times; nested loops over range(100000) would
+# never end.
+TEMPLATE_WORK = 1_000_000
+WORK_LEFT = contextvars.ContextVar("the work the render in progress may still do")  # [steps]
+
+
+class TooMuchWork(Exception):
+    """A chat template's render went past TEMPLATE_WORK."""
+
+
+def spend(steps):
+    left = WORK_LEFT.get()
+    left[0] -= steps
+    if left[0] < 0:
+        raise TooMuchWork
+
+
+def bound_loops(tree, nodes):
+    """The parsed template with every loop's iterable, and every recursive loop's `loop(...)`
+    argument, passed through the `_counted` filter: each item it yields spends one step."""
+    def counted(node):
+        return nodes.Filter(node, "_counted", [], [], None, None, lineno=node.lineno)
+    for loop in tree.find_all(nodes.For):
+        loop.iter = counted(loop.iter)
+    for call in tree.find_all(nodes.Call):
+        if isinstance(call.node, nodes.Name) and call.node.name == "loop" and call.args:
+            call.args[0] = counted(call.args[0])
+    return tree
+
+
 @functools.lru_cache(maxsize=8)
 def compile_template(source):
     """A chat template compiled as transformers compiles it: a sandbox (templates come from the
     hub: untrusted), trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception and
-    strftime_now, and `{% generation %}` blocks rendered as their content."""
+    strftime_now, and `{% generation %}` blocks rendered as their content; and its work bounded
+    (TEMPLATE_WORK)."""
     try:
         import jinja2
         import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2.nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
     except ImportError:
         raise ValueError("this model's chat template needs jinja2: pip install jinja2") from None
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":  # a string or list times n holds len * n items
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        spend(len(seq) * max(n, 0))
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                spend(abs(right))  # an integer power's digits grow with its exponent
+            return super().call_binop(context, operator, left, right)
+
+    @jinja2.pass_context  # never called at compile time, where the optimizer folds constants
+    def counted(context, iterable):
+        for item in iterable:
+            spend(1)
+            yield item
+
+    def bounded_range(*args):
+        r = safe_range(*args)
+        spend(len(r))
+        return r
 
     class Generation(jinja2.ext.Extension):  # marks assistant text for transformers; no-op here
         tags = {"generation"}
@@ -196,14 +262,14 @@ def compile_template(source):
     def raise_exception(message):
         raise ValueError(f"the chat template refused the messages: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["_counted"] = counted
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=raise_exception,
+    env.globals.update(raise_exception=raise_exception, range=bounded_range,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     try:
-        return env.from_string(source)
+        return env.from_string(bound_loops(env.parse(source), jinja2.nodes))
     except jinja2.TemplateError as e:
         raise ValueError(f"the model's chat template does not compile: {e}") from None
 

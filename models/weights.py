@@ -80,6 +80,9 @@ def read_gguf(path, dtype=torch.float32):
         tie_embeddings="output.weight" not in tensors)
 
     def load(t):
+        if t.tensor_type.name.startswith("I") and not t.tensor_type.name.startswith("IQ"):  # I8 ... I64
+            raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floats or a "
+                             "float quantisation: not a weight")
         a = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (out, in) for matrices
         # a copy (GGUF data is read-only), in `dtype` at once: one float32 tensor at a time is alive
         return torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)
@@ -162,7 +165,7 @@ def llama_config(c):
     n_heads = c["num_attention_heads"]
     if c.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"hidden_act {c['hidden_act']!r} is not implemented (only silu)")
-    if c.get("head_dim") not in (None, c["hidden_size"] // n_heads):
+    if c.get("head_dim") is not None and c["head_dim"] != c["hidden_size"] // n_heads:
         raise ValueError(f"head_dim {c['head_dim']} is not hidden_size / num_attention_heads: not implemented")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise ValueError("attention_bias / mlp_bias (biases on every attention or MLP projection) are not implemented")
@@ -219,6 +222,9 @@ def read_hf_dir(path, dtype=torch.float32):
             sd.pop("lm_head.weight", None)
     else:
         raise ValueError(f"{path}: model_type {kind!r} is not supported (gpt2, llama, mistral, qwen2)")
+    ints = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if ints:
+        raise ValueError(f"{path}: tensor {ints[0]} is stored as {sd[ints[0]].dtype}, not as floats: not a weight")
     tokenizer = tok.from_hf_dir(path)
     if tokenizer is None:
         warnings.warn(f"{path} ships no tokenizer files (tokenizer.json, vocab.json + merges.txt, "
