@@ -336,6 +336,25 @@ def test_train_step_reports_the_task_loss_and_the_penalty_apart(name):
     assert (penalty > 0) == (name in ("adalora", "salora"))  # the two with a regulariser at init
 
 
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_after_step_calls_val_loss_at_the_steps_val_loss_steps_names_and_no_others(name):
+    """A trainer's ETA and progress lines rest on val_loss_steps: the steps of a scoring round (ALoRA's,
+    at 12 steps rounds 1 to 8), the only ones whose after_step calls val_loss."""
+    model, method, _ = adapted(name, "llama")
+    total, calls = 12, []
+    inner = training.val_closure(model, batch(100))
+
+    def val_loss(grad=False):
+        calls.append(step)
+        return inner(grad)
+    opt = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model.train()
+    for step in range(1, total + 1):
+        training.train_step(model, method, opt, sched, [batch(step)], step, total, val_loss=val_loss)
+    assert sorted(set(calls)) == method.val_loss_steps(model, total) == ([*range(1, 9)] if name == "alora" else [])
+
+
 # ----------------------------------------------------------------------------- a file copied alone
 
 def usage_block(path):
