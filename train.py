@@ -132,6 +132,53 @@ def finish_the_step():
         signal.signal(signal.SIGINT, previous)
 
 
+class Eta:
+    """Time left in a run, from the mean time of each of its two kinds of step, measured apart: those
+    whose after_step calls val_loss (`scoring`: ALoRA's rounds, few, long and bunched together) and
+    the others. Steps of a kind not yet timed are counted instead ("+ 8 scoring rounds")."""
+
+    def __init__(self, scoring):
+        self.scoring = set(scoring)
+        self.seconds, self.count = [0.0, 0.0], [0, 0]  # [other steps, scoring steps]
+
+    def add(self, step, seconds):
+        kind = step in self.scoring
+        self.seconds[kind] += seconds
+        self.count[kind] += 1
+
+    def left(self, done, total, into=0.0):
+        """The time after step `done` of `total`, `into` seconds into step done + 1, as a line's ETA."""
+        scoring = sum(s > done for s in self.scoring)
+        in_flight = done + 1 in self.scoring  # the kind of the step `into` seconds in
+        seconds, untimed = 0.0, ""
+        for kind, n, what in ((False, total - done - scoring, "step"), (True, scoring, "scoring round")):
+            if n and self.count[kind]:
+                mean = self.seconds[kind] / self.count[kind]
+                seconds += n * mean - (min(into, mean) if kind == in_flight else 0.0)
+            elif n:
+                untimed += f" + {n} {what}{'s' if n > 1 else ''}"
+        return cli.fmt_time(seconds) + untimed
+
+
+PROGRESS_EVERY = 10.0  # seconds between the lines a long scoring round prints
+
+
+def reporting(val_loss, say, step, eta, total, started):
+    """val_loss, saying every PROGRESS_EVERY seconds how far the scoring round of step `step` (begun
+    at time.time() `started`) has got: a round on the default model runs for minutes."""
+    passes, last = 0, started
+
+    def val_loss_reported(grad=False):
+        nonlocal passes, last
+        passes, now = passes + 1, time.time()
+        if now - last >= PROGRESS_EVERY:
+            last = now
+            say(f"step {step}/{total} | scoring: validation pass {passes}, {cli.fmt_time(now - started)} into the "
+                f"step | ETA {eta.left(step - 1, total, now - started)}", flush=True)
+        return val_loss(grad)
+    return val_loss_reported
+
+
 def stop_asked(asked, world, device):
     """Did Ctrl-C reach any process? All of them stop after the same step."""
     if world == 1:
@@ -258,12 +305,15 @@ def train(args, method, cfg, plain):
     log = None  # opened with its first record: a run that fails before it leaves no empty log behind
 
     t_start, tokens, loss_avg = time.time(), 0, None
+    eta = Eta(method.val_loss_steps(model, args.steps))
     with finish_the_step() as asked:  # Ctrl-C: this step ends and is checkpointed, then the run stops
         for step in range(start + 1, args.steps + 1):
+            t_step = time.time()
             batches = training.step_batches(train_set, args, step, rank, world, device)
             lr = opt.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps at its end)
+            scored = reporting(val_loss, say, step, eta, args.steps, t_step)
             (task_loss, penalty), figures = training.train_step(model, method, opt, sched, batches, step, args.steps,
-                                                                clip=args.clip, val_loss=val_loss, world=world,
+                                                                clip=args.clip, val_loss=scored, world=world,
                                                                 scaler=scaler)
             tokens += sum(x.numel() for x, _ in batches) * world
 
@@ -278,11 +328,11 @@ def train(args, method, cfg, plain):
                 log = log or open(args.out / "log.jsonl", "a" if start else "w")
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            eta.add(step, time.time() - t_step)
             if progress:
-                eta = elapsed / (step - start) * (args.steps - step)
                 extra = scalars({k: v for k, v in figures.items() if k != "val_loss"})
                 say(f"step {step}/{args.steps} | loss {loss_avg:.4f} | val loss {figures['val_loss']:.4f} | "
-                    f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {cli.fmt_time(eta)}"
+                    f"lr {lr:.2e} | {tokens / elapsed:.0f} tok/s | ETA {eta.left(step, args.steps)}"
                     + (f" | {extra}" if extra else ""), flush=True)
             stop = stop_asked(asked, world, device)
             if rank == 0 and (stop or args.save_every and step % args.save_every == 0) and step < args.steps:

@@ -407,6 +407,12 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     return {"budget": b, "live_rank": int(sum(m.lora_mask.sum() for m in mods))}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: none here."""
+    return []
+
+
 def ranks(model):
     """Module name -> live triplets (the rank pattern)."""
     return {n: int(m.lora_mask.sum()) for n, m in layers(model).items()}

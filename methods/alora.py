@@ -527,6 +527,13 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
             "added": grown, "ranks": r}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: the rounds' k1, k1 + k2, ..."""
+    k1, k2, rounds = schedule(config(model), total_steps)
+    return [k1 + i * k2 for i in range(rounds)]
+
+
 def ranks(model):
     return {n: int(m.lora_gate.sum()) for n, m in layers(model).items()}
 

@@ -227,6 +227,12 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     return {}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: none here."""
+    return []
+
+
 def ranks(model):
     return {n: m.lora_A.shape[0] for n, m in layers(model).items()}
 

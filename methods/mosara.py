@@ -289,6 +289,12 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     return {}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: none here."""
+    return []
+
+
 def ranks(model):
     """Module name -> k, the number of frozen singular directions it tunes."""
     return {n: m.lora_U.shape[1] for n, m in layers(model).items()}

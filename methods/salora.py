@@ -452,6 +452,12 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     return {"density": c, "lam": lam, "gate_lr": lr_t}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: none here."""
+    return []
+
+
 def ranks(model):
     return {n: int((eval_gates(m.lora_logalpha) > 0).sum()) for n, m in layers(model).items()}
 

@@ -358,6 +358,12 @@ def after_step(model, optimizer, step, total_steps, *, val_loss=None):
     return {"live_rank": int(live), **figures}
 
 
+def val_loss_steps(model, total_steps):
+    """The steps whose after_step calls val_loss (a scoring round's validation passes), in order, so a
+    trainer can count them in its ETA: none here."""
+    return []
+
+
 def ranks(model):
     ls = layers(model)
     return dict(zip(ls, torch.stack([m.lora_gate.count_nonzero() for m in ls.values()]).tolist()))

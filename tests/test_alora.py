@@ -418,9 +418,10 @@ def test_spread_even_capped_and_ordered(n, cap):
 @SETTINGS
 @given(total=st.integers(1, 5000), k1=st.sampled_from([None, 1, 7]), k2=st.sampled_from([None, 1, 3]))
 def test_schedule(total, k1, k2):
-    cfg = alora.Config(k1=k1, k2=k2)
+    cfg = alora.Config(k1=k1, k2=k2, targets=("0",))
     steps = [s for s in range(1, total + 1) if alora.round_at(cfg, s, total)]
     assert [alora.round_at(cfg, s, total) for s in steps] == list(range(1, len(steps) + 1))
+    assert alora.val_loss_steps(alora.apply(nn.Sequential(nn.Linear(4, 4)), cfg), total) == steps  # what an ETA counts
     assert len(steps) <= 8
     if k1 is None and k2 is None and total >= 20:
         assert steps and steps[-1] < total

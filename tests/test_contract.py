@@ -336,6 +336,25 @@ def test_train_step_reports_the_task_loss_and_the_penalty_apart(name):
     assert (penalty > 0) == (name in ("adalora", "salora"))  # the two with a regulariser at init
 
 
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_after_step_calls_val_loss_at_the_steps_val_loss_steps_names_and_no_others(name):
+    """A trainer's ETA and progress lines rest on val_loss_steps: the steps of a scoring round (ALoRA's,
+    at 12 steps rounds 1 to 8), the only ones whose after_step calls val_loss."""
+    model, method, _ = adapted(name, "llama")
+    total, calls = 12, []
+    inner = training.val_closure(model, batch(100))
+
+    def val_loss(grad=False):
+        calls.append(step)
+        return inner(grad)
+    opt = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model.train()
+    for step in range(1, total + 1):
+        training.train_step(model, method, opt, sched, [batch(step)], step, total, val_loss=val_loss)
+    assert sorted(set(calls)) == method.val_loss_steps(model, total) == ([*range(1, 9)] if name == "alora" else [])
+
+
 # ----------------------------------------------------------------------------- a file copied alone
 
 def usage_block(path):
@@ -461,20 +480,41 @@ def test_the_readme_loop_runs_unchanged_for_every_method_and_its_saved_adapter_l
     assert torch.equal(loaded, trained)
 
 
-def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, record, cfg=None, save_steps=None):
-    """docs/trainer.md's MethodHooks under transformers' Trainer; `record` sees each after_backward's
-    adapter gradients (penalty included) before the clipping."""
+def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, cfg=None, save_steps=None, bf16=False,
+                dtype=torch.float32):
+    """docs/trainer.md's MethodHooks under transformers' Trainer (`bf16`: TrainingArguments' bf16=True;
+    `dtype`: the model's). Returns (model, trainer, seen): seen.grads, the adapter's gradients at each
+    after_backward (penalty included, before the clipping); seen.penalty, each extra_loss call's
+    (value, gradients); seen.rank, the total live rank after each after_step; seen.losses, the loss of
+    each training forward (validation forwards run in eval mode and are left out)."""
     from transformers import Trainer, TrainingArguments
     method = methods.get(name)
     scope = {"torch": torch, "method": method}
     exec(readme_blocks()[1], scope)  # noqa: S102 - our own docs
-    model = tiny_hf(kind)
+    model = tiny_hf(kind).to(dtype)
     method.apply(model, method.Config(**{**CONFIGS[name], "dropout": 0.0, **(cfg or {})}))
+    seen = types.SimpleNamespace(grads=[], penalty=[], rank=[], losses=[])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def extra_loss(m):
+        penalty = method.extra_loss(m)
+        grads = (torch.autograd.grad(penalty, list(trainable.values()), retain_graph=True, allow_unused=True)
+                 if penalty.requires_grad else [None] * len(trainable))
+        seen.penalty.append((penalty.item(), {n: g for n, g in zip(trainable, grads) if g is not None}))
+        return penalty
+
+    def after_backward(m, step, total):
+        seen.grads.append({n: p.grad.clone() for n, p in trainable.items() if p.grad is not None})
+        method.after_backward(m, step, total)
+
+    def after_step(m, *args, **kw):
+        figures = method.after_step(m, *args, **kw)
+        seen.rank.append(sum(method.ranks(m).values()))
+        return figures
     spy = types.SimpleNamespace(**{k: getattr(method, k) for k in dir(method) if not k.startswith("_")})
-    spy.after_backward = lambda m, step, total: (record(step, {n: p.grad.clone() for n, p in m.named_parameters()
-                                                               if p.grad is not None}),
-                                                 method.after_backward(m, step, total))
+    spy.extra_loss, spy.after_backward, spy.after_step = extra_loss, after_backward, after_step
     scope["method"] = spy
+    model.register_forward_hook(lambda m, args, out: seen.losses.append(out.loss.item()) if m.training else None)
     val = token_batches(1, 2, seed=1)[0]
 
     def val_loss(grad=False):
@@ -486,33 +526,72 @@ def trainer_run(tmp_path, name, kind, accumulate, batch_size, steps, record, cfg
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=accumulate, max_grad_norm=0, report_to=[],
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True)
+                             logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True, bf16=bf16)
     trainer = Trainer(model, args, train_dataset=[b for x in token_batches(steps * 4, 1) for b in [
                           {"input_ids": x["input_ids"][0], "labels": x["labels"][0]}]],
                       callbacks=[scope["MethodHooks"](val_loss)],
                       optimizers=(torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0)), None))
     trainer.train()
-    return model, trainer
+    return model, trainer, seen
+
+
+def step_logs(trainer):
+    """The Trainer's log of each optimizer step (logging_steps=1), in order."""
+    return [h for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("name", ["adalora", "salora"])
 def test_the_readme_trainer_callback_counts_the_penalty_once_per_step_under_accumulation(name, tmp_path):
     grads = {}
     for accumulate, size in ((1, 4), (2, 2)):
-        record = lambda step, g, a=accumulate: grads.setdefault((a, step), g)  # noqa: E731
-        _, trainer = trainer_run(tmp_path / str(accumulate), name, "llama", accumulate, size, 2, record)
-        logged = [h for h in trainer.state.log_history if "loss" in h]
+        _, trainer, seen = trainer_run(tmp_path / str(accumulate), name, "llama", accumulate, size, 2)
+        logged = step_logs(trainer)
         assert len(logged) == 2 and all(h["penalty"] > 0 and h["rank"] > 0 for h in logged)
-    for step in (1, 2):
-        one, two = grads[1, step], grads[2, step]
+        grads[accumulate] = seen.grads
+    for one, two in zip(*grads.values(), strict=True):
         assert one.keys() == two.keys() and one
         for n in one:
             torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_the_readme_trainer_callback_under_bf16_and_accumulation_logs_task_loss_penalty_and_rank(name, dtype,
+                                                                                                 tmp_path):
+    """Trainer(bf16=True) on a float32 or a bfloat16 model, 2 micro-batches a step: each step's "loss" is
+    the task loss (its forwards' losses, which the Trainer sums under accumulation), "penalty" the
+    extra_loss of its one call that step, "rank" the live rank after_step left; a round's figures
+    (ALoRA's, at steps 1 and 2 of 3) stand in their own step's log alone."""
+    accumulate, steps = 2, 3
+    model, trainer, seen = trainer_run(tmp_path, name, "llama", accumulate, 2, steps, bf16=True, dtype=dtype)
+    logged = step_logs(trainer)
+    assert len(logged) == len(seen.penalty) == len(seen.rank) == len(seen.grads) == steps  # extra_loss once a step
+    assert len(seen.losses) == accumulate * steps
+    for h, pair, (penalty, _), rank in zip(logged, zip(seen.losses[::2], seen.losses[1::2]), seen.penalty, seen.rank):
+        assert h["loss"] == pytest.approx(sum(pair), rel=1e-6)
+        assert h["penalty"] == penalty and (penalty > 0) == (name in ("adalora", "salora"))
+        assert h["rank"] == rank  # SaLoRA may close every gate in 3 steps
+    scoring = methods.get(name).val_loss_steps(model, steps)
+    assert [h.get("round") for h in logged] == [scoring.index(s) + 1 if s in scoring else None
+                                                for s in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("name", ["adalora", "salora"])
+def test_the_readme_trainer_callback_adds_the_penalty_once_per_step_under_bf16_accumulation(name, tmp_path):
+    """Under bf16 the two splits' task gradients differ by rounding, so each step's gradients are
+    compared with the penalty's own: they differ by less than half of it (a penalty counted twice
+    would add all of it)."""
+    runs = {a: trainer_run(tmp_path / str(a), name, "llama", a, 4 // a, 2, bf16=True)[2] for a in (1, 2)}
+    for step, (one, two) in enumerate(zip(runs[1].grads, runs[2].grads, strict=True)):
+        penalty = runs[1].penalty[step][1]
+        gap = torch.cat([(two[n] - one[n]).flatten() for n in penalty]).norm()
+        own = torch.cat([g.flatten() for g in penalty.values()]).norm()
+        assert own > 0 and gap < 0.5 * own, (step, gap.item(), own.item())
+
+
 def test_the_readme_trainer_callback_saves_an_adapter_that_loads_and_save_pretrained_drops_it(tmp_path):
     from transformers import LlamaForCausalLM
-    model, _ = trainer_run(tmp_path / "run", "sora", "llama", 1, 2, 4, lambda *a: None, save_steps=2)
+    model, _, _ = trainer_run(tmp_path / "run", "sora", "llama", 1, 2, 4, save_steps=2)
     probe = token_batches(1, 2, seed=2)[0]["input_ids"]
     model.eval()
     with torch.no_grad():
@@ -528,7 +607,7 @@ def test_the_readme_trainer_callback_saves_an_adapter_that_loads_and_save_pretra
 
 
 def test_alora_keeps_its_total_rank_under_the_trainer_on_gpt2s_fused_c_attn(tmp_path):
-    model, trainer = trainer_run(tmp_path, "alora", "gpt", 1, 2, 12, lambda *a: None)
+    model, trainer, _ = trainer_run(tmp_path, "alora", "gpt", 1, 2, 12)
     method = methods.get("alora")
     assert sum(method.ranks(model).values()) == 4 * len(method.layers(model))
     assert any("round" in h for h in trainer.state.log_history)  # its rounds ran

@@ -19,13 +19,13 @@ FILES = {name: Path(methods.__file__).parent / f"{name}.py" for name in methods.
 # blocks written out in every file; "Layer.f" is a method of the file's layer class
 SHARED = ("HF_TARGETS", "dropout", "is_conv1d", "Layer.merge", "Layer.unmerge", "adaptable", "find_targets",
           "replace", "layers", "config", "check_step", "param_groups", "extra_loss", "after_backward",
-          "after_step", "can_merge", "merge", "save", "load")
+          "after_step", "val_loss_steps", "can_merge", "merge", "save", "load")
 # the statements that open (or close) a block whose rest is each method's own: (block, first n, last n)
 SHARED_PARTS = (("Layer.__init__", 6, 2), ("Layer.forward", 2, 0), ("apply", 1, 0))
 # the files whose block is their own by design: a hook the method needs, a merge it checks first
 OWN = {"param_groups": {"sora", "adalora", "salora"}, "extra_loss": {"sora", "adalora", "salora"},
        "after_backward": {"sora", "adalora", "salora"}, "after_step": {"sora", "adalora", "alora", "salora"},
-       "merge": {"mosara", "sora", "adalora", "salora"}, "can_merge": {"mosara"}}
+       "val_loss_steps": {"alora"}, "merge": {"mosara", "sora", "adalora", "salora"}, "can_merge": {"mosara"}}
 
 
 def read_blocks(path):

@@ -118,6 +118,50 @@ def test_the_log_gives_the_lr_each_step_used_and_sora_shrinks_by_it(tmp_path, ti
     assert [0.12 / 6 * lr / 0.01 for lr in logged] == pytest.approx([r["gate_lr"] for r in log])
 
 
+# ----------------------------------------------------------------------------- the ETA and scoring rounds
+
+@settings(max_examples=50, deadline=None)
+@given(kinds=st.lists(st.booleans(), min_size=2, max_size=40), ordinary=st.integers(1, 30),
+       scoring=st.integers(1, 600), done=st.integers(0, 40), into=st.integers(0, 700))
+def test_the_eta_is_the_time_left_when_each_kind_of_step_takes_a_constant_time(kinds, ordinary, scoring, done, into):
+    """Once a step of each kind still to come has been timed, the ETA is the sum of their times, less
+    the `into` seconds already spent in the step in flight; a kind not timed yet is counted instead."""
+    total, done = len(kinds), min(done, len(kinds) - 1)
+    took = [scoring if k else ordinary for k in kinds]  # seconds, whole: the sums are exact
+    eta = train.Eta([s for s, k in enumerate(kinds, 1) if k])
+    for step in range(1, done + 1):
+        eta.add(step, float(took[step - 1]))
+    left = kinds[done:]
+    timed = {k for k in kinds[:done]}
+    into = min(into, took[done])
+    expected = sum(t for t, k in zip(took[done:], left) if k in timed) - (into if kinds[done] in timed else 0)
+    untimed = "".join(f" + {n} {what}{'s' if n > 1 else ''}" for k, what in ((False, "step"), (True, "scoring round"))
+                      if k not in timed and (n := left.count(k)))
+    assert eta.left(done, total, float(into)) == f"{expected // 60}m{expected % 60:02d}s{untimed}"
+
+
+def test_a_scoring_round_prints_progress_and_the_eta_counts_the_rounds_to_come(tmp_path, tiny_checkpoint,
+                                                                                 monkeypatch, capsys):
+    """ALoRA's rounds at steps 10, 12 and 14: during each, lines say how far it got; until the first
+    is timed, the ETA counts the rounds still to come, and from then on it holds them in its time."""
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)  # a line at every validation pass of a round
+    train.main(["--method", "alora", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "run"), "--steps", "20",
+                "--k1", "10", "--k2", "2", "--rounds", "3", *FAST])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    scoring = [line for line in lines if " | scoring: " in line]
+    assert {int(line.split()[1].split("/")[0]) for line in scoring} == {10, 12, 14}
+    for step in (10, 12, 14):
+        passes = [int(line.split("validation pass ")[1].split(",")[0]) for line in scoring
+                  if line.startswith(f"step {step}/")]
+        assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 3  # two backwards and the exact scores
+        first_round = step == 10
+        assert all(("+ 3 scoring rounds" in line) == first_round for line in scoring if line.startswith(f"step {step}/"))
+    logged = {int(line.split()[1].split("/")[0]): line for line in lines if " | loss " in line}
+    assert logged.keys() == {5, 10, 15, 20}
+    assert "+ 3 scoring rounds" in logged[5]
+    assert all(" + " not in logged[s].split("ETA ")[1].split(" | ")[0] for s in (10, 15, 20))
+
+
 # ----------------------------------------------------------------------------- a method's training defaults
 
 @pytest.mark.parametrize("name", methods.NAMES)
