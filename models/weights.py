@@ -81,8 +81,8 @@ def read_gguf(path, dtype=torch.float32):
 
     def load(t):
         if t.tensor_type.name.startswith("I") and not t.tensor_type.name.startswith("IQ"):  # I8 ... I64
-            raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floats or a "
-                             "float quantisation: not a weight")
+            raise ValueError(f"tensor {t.name} is stored as {t.tensor_type.name}, not as floats or a float "
+                             "quantisation: not a weight")
         a = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (out, in) for matrices
         # a copy (GGUF data is read-only), in `dtype` at once: one float32 tensor at a time is alive
         return torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)
@@ -224,7 +224,7 @@ def read_hf_dir(path, dtype=torch.float32):
         raise ValueError(f"{path}: model_type {kind!r} is not supported (gpt2, llama, mistral, qwen2)")
     ints = sorted(k for k, v in sd.items() if not v.is_floating_point())
     if ints:
-        raise ValueError(f"{path}: tensor {ints[0]} is stored as {sd[ints[0]].dtype}, not as floats: not a weight")
+        raise ValueError(f"tensor {ints[0]} is stored as {sd[ints[0]].dtype}, not as floats: not a weight")
     tokenizer = tok.from_hf_dir(path)
     if tokenizer is None:
         warnings.warn(f"{path} ships no tokenizer files (tokenizer.json, vocab.json + merges.txt, "

@@ -234,7 +234,6 @@ def test_an_adapter_changes_the_text_merged_or_not_and_as_a_peft_export(tiny_che
     (["--chat", "--raw"], "leave out --raw"),
     (["--top-k", "5", QUESTION], "give a temperature above 0"),
     (["--temperature", "-1", QUESTION], "--temperature must be 0 or more"),
-    (["--temperature", "nan", QUESTION], "--temperature must be 0 or more"),
     (["--max-new-tokens", "0", QUESTION], "--max-new-tokens must be positive"),
     (["--adapter", "no/such/dir", QUESTION], "not an adapter directory"),
 ])
